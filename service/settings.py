@@ -1,0 +1,84 @@
+"""The one typed settings object. Every field is also an environment variable `SEGSERVE_<NAME>`.
+
+Nothing else in segserve reads the environment: the CLI turns its options into keyword arguments
+of `Settings`, and tests build `Settings(...)` directly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SEGSERVE_", extra="ignore")
+
+    # --- transport ---
+    host: str = Field("127.0.0.1", description="HTTP bind address.")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="gRPC port; unset means no gRPC server.")
+
+    # --- model ---
+    model: str = Field("edaformer-t", description="Registered model name (see `models.list_models()`).")
+    checkpoint: str | None = Field(None, description="Checkpoint path (.pth or .safetensors); unset = random weights.")
+    dataset: Literal["ade20k", "cityscapes", "coco-stuff"] = Field(
+        "ade20k", description="Class names, palette and test pipeline, unless the checkpoint's meta overrides them."
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the backends run.")
+    backend: Literal["torch", "onnx"] = Field("torch", description="Execution backend of the workers.")
+    workers: int = Field(1, ge=1, le=64, description="Worker count; each owns one backend instance.")
+    threads_per_worker: int | None = Field(
+        None, ge=1, le=256, description="Intra-op threads per worker; unset = cores // workers (at least 1)."
+    )
+    levels: str | None = Field(
+        None, description="Comma-separated ISR level names to serve (default: the whole ladder)."
+    )
+
+    # --- planner and batching ---
+    calibration_shape: tuple[int, int] = Field(
+        (512, 512), description="Network input (H, W) at which the planner measures each level at start-up."
+    )
+    calibration_batch_sizes: tuple[int, ...] = Field((1, 2, 4), description="Batch sizes measured per level.")
+    calibration_repeats: int = Field(2, ge=1, le=50, description="Timed runs per (level, batch size); median kept.")
+    max_batch_size: int = Field(4, ge=1, le=64, description="Largest batch a worker runs.")
+    max_queue_delay_ms: float = Field(10.0, ge=0, le=10_000, description="Longest a batch waits to fill up.")
+    max_queue_size: int = Field(64, ge=1, le=100_000, description="Queued requests per model before 429.")
+    safety_margin: float = Field(
+        0.15, ge=0, le=2, description="Fraction added to predicted latency when checking a budget."
+    )
+    max_budget_ms: float = Field(600_000, gt=0, description="Largest accepted latency budget (ms).")
+
+    # --- input limits ---
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    max_pixels: int = Field(40_000_000, ge=1024, description="Largest accepted image, in pixels.")
+    min_side: int = Field(32, ge=1, description="Smallest accepted image side, in pixels.")
+
+    # --- cache ---
+    redis_url: str | None = Field(None, description="redis:// URL; unset = in-memory LRU cache.")
+    cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="In-memory cache size bound (0 disables).")
+    cache_ttl_s: int = Field(3600, ge=1, description="Redis entry time-to-live.")
+    cache_key_prefix: str = Field("segserve:", description="Prefix of every Redis key.")
+    cache_max_value_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Results larger than this are not cached.")
+    redis_timeout_s: float = Field(0.05, gt=0, le=10, description="Redis socket timeout; the cache fails open.")
+
+    # --- lifecycle ---
+    shutdown_grace_s: float = Field(20.0, ge=0, le=600, description="How long SIGTERM waits for accepted work.")
+    log_level: str = Field("info", description="Python logging level.")
+
+    @field_validator("calibration_shape", mode="before")
+    @classmethod
+    def _parse_shape(cls, value: object) -> object:
+        # Accept "512x512" from the environment or the CLI.
+        if isinstance(value, str):
+            height, width = value.lower().split("x")
+            return (int(height), int(width))
+        return value
+
+    @field_validator("calibration_batch_sizes", mode="before")
+    @classmethod
+    def _parse_sizes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(int(part) for part in value.split(",") if part.strip())
+        return value
