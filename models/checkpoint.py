@@ -100,7 +100,7 @@ def load_checkpoint_file(path: str | Path) -> LoadedCheckpoint:
             class_names = [str(c) for c in meta["CLASSES"]]
         if meta.get("PALETTE") is not None:
             palette = [[int(v) for v in c] for c in meta["PALETTE"]]
-        raw = obj["state_dict"] if "state_dict" in obj else obj
+        raw = obj.get("state_dict", obj)
         if not isinstance(raw, Mapping):
             raise CheckpointError(f"checkpoint {path}: 'state_dict' is a {type(raw).__name__}, not a dict")
     state_dict, dropped = _normalize(raw)

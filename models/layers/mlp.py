@@ -15,7 +15,7 @@ class DepthwiseConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        B, N, C = x.shape
+        B, _, C = x.shape
         grid = x.transpose(1, 2).reshape(B, C, height, width)  # B, C, H, W
         return self.dwconv(grid).flatten(2).transpose(1, 2)  # B, N, C
 
