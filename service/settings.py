@@ -6,10 +6,13 @@ of `Settings`, and tests build `Settings(...)` directly.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Sizes come from the environment as "512x512" and lists as "1,2,4", parsed by the validators below.
+Size = Annotated[tuple[int, int], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -26,6 +29,11 @@ class Settings(BaseSettings):
     dataset: Literal["ade20k", "cityscapes", "coco-stuff"] = Field(
         "ade20k", description="Class names, palette and test pipeline, unless the checkpoint's meta overrides them."
     )
+    resize_scale: Annotated[tuple[int, int] | None, NoDecode] = Field(
+        None,
+        description="Override the dataset's keep-ratio test scale as LONGxSHORT (e.g. 1024x256) to serve faster "
+        "than the reference pipeline, at some cost in accuracy; unset = the reference pipeline.",
+    )
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the backends run.")
     backend: Literal["torch", "onnx"] = Field("torch", description="Execution backend of the workers.")
     workers: int = Field(1, ge=1, le=64, description="Worker count; each owns one backend instance.")
@@ -37,10 +45,10 @@ class Settings(BaseSettings):
     )
 
     # --- planner and batching ---
-    calibration_shape: tuple[int, int] = Field(
+    calibration_shape: Size = Field(
         (512, 512), description="Network input (H, W) at which the planner measures each level at start-up."
     )
-    calibration_batch_sizes: tuple[int, ...] = Field((1, 2, 4), description="Batch sizes measured per level.")
+    calibration_batch_sizes: Annotated[tuple[int, ...], NoDecode] = Field((1, 2, 4), description="Batch sizes measured per level.")
     calibration_repeats: int = Field(2, ge=1, le=50, description="Timed runs per (level, batch size); median kept.")
     max_batch_size: int = Field(4, ge=1, le=64, description="Largest batch a worker runs.")
     max_queue_delay_ms: float = Field(10.0, ge=0, le=10_000, description="Longest a batch waits to fill up.")
@@ -49,6 +57,12 @@ class Settings(BaseSettings):
         0.15, ge=0, le=2, description="Fraction added to predicted latency when checking a budget."
     )
     max_budget_ms: float = Field(600_000, gt=0, description="Largest accepted latency budget (ms).")
+    request_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Hard bound on any request's wait: past it, a queued request gets 504."
+    )
+    onnx_cache_dir: str = Field(
+        "/tmp/segserve-onnx", description="Where the onnx backend keeps its exported graphs (one per level)."
+    )
 
     # --- input limits ---
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
@@ -67,7 +81,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(20.0, ge=0, le=600, description="How long SIGTERM waits for accepted work.")
     log_level: str = Field("info", description="Python logging level.")
 
-    @field_validator("calibration_shape", mode="before")
+    @field_validator("calibration_shape", "resize_scale", mode="before")
     @classmethod
     def _parse_shape(cls, value: object) -> object:
         # Accept "512x512" from the environment or the CLI.

@@ -1,0 +1,191 @@
+"""HTTP routes: thin. Each parses the request into a `SegmentRequest`, calls the pipeline, and writes the
+receipt into headers. Errors are raised as `ServiceError` and mapped to JSON in `service.app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from email import message_from_bytes
+from email.policy import HTTP
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.errors import BadInput, InvalidParameter, PayloadTooLarge, UnsupportedFormat
+from service.images import ALLOWED_CONTENT_TYPES
+from service.metrics import METRICS_CONTENT_TYPE
+from service.pipeline import Pipeline, Receipt, SegmentRequest
+from service.runtime import Runtime
+
+router = APIRouter()
+CLIENT_CLOSED_REQUEST = 499  # nginx's convention for "the client went away before the answer"
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (never buffered beyond it)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def image_from_body(body: bytes, content_type: str) -> bytes:
+    """Raw image bytes, or the `image` field of a multipart/form-data body."""
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        message = message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body, policy=HTTP)
+        for part in message.iter_parts() if message.is_multipart() else []:
+            if part.get_param("name", header="content-disposition") == "image":
+                return part.get_payload(decode=True) or b""
+        raise BadInput("multipart body has no field named 'image'", code="missing_image_field")
+    if media_type and media_type not in ALLOWED_CONTENT_TYPES:
+        raise UnsupportedFormat(f"content type {media_type!r} is not supported; send image/jpeg, image/png, "
+                                "image/webp or multipart/form-data with an 'image' field")
+    return body
+
+
+def parse_ms(name: str, value: str | None) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidParameter(f"{name} must be a number of milliseconds, got {value!r}", code="invalid_budget") from None
+    if math.isnan(number) or math.isinf(number):
+        raise InvalidParameter(f"{name} must be a finite number of milliseconds, got {value!r}", code="invalid_budget")
+    return number
+
+
+def parse_bool(name: str, value: str | None) -> bool:
+    if value is None or value.lower() in {"", "0", "false", "no"}:
+        return False
+    if value.lower() in {"1", "true", "yes"}:
+        return True
+    raise InvalidParameter(f"{name} must be true or false, got {value!r}", code="invalid_parameter")
+
+
+def receipt_headers(receipt: Receipt) -> dict[str, str]:
+    headers = {
+        "X-Segserve-Model": receipt.model,
+        "X-Segserve-Level": receipt.level,
+        "X-Segserve-Queue-Ms": f"{receipt.queue_ms:.3f}",
+        "X-Segserve-Compute-Ms": f"{receipt.compute_ms:.3f}",
+        "X-Segserve-Total-Ms": f"{receipt.total_ms:.3f}",
+        "X-Segserve-Batch-Size": str(receipt.batch_size),
+        "X-Segserve-Cache": receipt.cache,
+        "X-Segserve-Plan": receipt.plan_reason,
+        "Server-Timing": (f"queue;dur={receipt.queue_ms:.3f}, compute;dur={receipt.compute_ms:.3f}, "
+                          f"total;dur={receipt.total_ms:.3f}"),
+    }
+    if receipt.budget_met is not None:
+        headers["X-Segserve-Budget-Met"] = "true" if receipt.budget_met else "false"
+    return headers
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+SEGMENT_DOC = """Segment one image. The body is the raw image (image/jpeg, image/png, image/webp) or a
+multipart/form-data field `image`. The response is the mask (a PNG label map by default) with a receipt of
+what was spent in the `X-Segserve-*` headers."""
+
+
+@router.post("/v1/segment", summary="Segment an image", description=SEGMENT_DOC,
+             responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+@router.post("/v1/models/{model}/segment", summary="Segment an image with a named model", description=SEGMENT_DOC,
+             responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+async def segment(
+    request: Request,
+    runtime: RuntimeDep,
+    model: str | None = None,
+    latency_budget_ms: Annotated[str | None, Query(description="Latency budget in ms (also X-Latency-Budget-Ms).")] = None,
+    quality: Annotated[str | None, Query(description="fast, balanced, best, or 0..1; caps the level.")] = None,
+    level: Annotated[str | None, Query(description="A level name from /v1/models; bypasses the planner.")] = None,
+    format: Annotated[str, Query(description="png (default), color, rle or json.")] = "png",
+    strict: Annotated[str | None, Query(description="true: refuse at once (503) if the budget cannot be met.")] = None,
+    timeout_ms: Annotated[str | None, Query(description="Hard deadline; past it a queued request gets 504.")] = None,
+    x_latency_budget_ms: Annotated[str | None, Header()] = None,
+    x_request_timeout_ms: Annotated[str | None, Header()] = None,
+) -> Response:
+    body = await read_body(request, runtime.settings.max_body_bytes)
+    segment_request = SegmentRequest(
+        image=image_from_body(body, request.headers.get("content-type", "")),
+        model=model,
+        budget_ms=parse_ms("latency_budget_ms", latency_budget_ms or x_latency_budget_ms),
+        quality=quality,
+        level=level,
+        format=format,
+        strict=parse_bool("strict", strict),
+        timeout_ms=parse_ms("timeout_ms", timeout_ms or x_request_timeout_ms),
+        route=request.url.path,
+    )
+    pipeline: Pipeline = request.app.state.pipeline
+    runtime.metrics.inflight.inc()
+    work = asyncio.create_task(pipeline.segment(segment_request))
+    gone = asyncio.create_task(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        runtime.metrics.inflight.dec()
+    if not work.done():
+        work.cancel()  # the client went away: its queued work is dropped, not computed
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    gone.cancel()
+    result = work.result()
+    return Response(result.body, media_type=result.content_type, headers=receipt_headers(result.receipt))
+
+
+@router.get("/v1/models", summary="Served models, their classes and ISR levels with GMACs and latency")
+async def list_models(runtime: RuntimeDep) -> JSONResponse:
+    shape = tuple(runtime.settings.calibration_shape)
+    table = runtime.profile.table()
+    levels = [
+        {
+            "name": level.name,
+            "rank": level.rank,
+            "isr": {"encoder": list(level.isr.encoder), "decoder": list(level.isr.decoder)},
+            "gmacs": round(await asyncio.to_thread(runtime.gmacs, level, shape), 3),
+            "latency_ms": {str(b): round(s * 1e3, 2) for b, s in table.get(level.name, {}).items()},
+        }
+        for level in runtime.levels
+    ]
+    return JSONResponse({"models": [{
+        "name": runtime.model_name, "classes": runtime.class_names, "num_classes": runtime.num_classes,
+        "dataset": runtime.dataset.name, "weights": runtime.weights, "backend": runtime.settings.backend,
+        "device": runtime.settings.device, "calibration_shape": list(shape), "levels": levels,
+    }]})
+
+
+@router.get("/healthz", summary="The process is alive")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Models loaded, calibrated and workers alive")
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    ready = runtime.update_ready()
+    detail = {"calibrated": runtime.calibrated, "draining": runtime.draining,
+              "workers_alive": runtime.pool.alive_count}
+    return JSONResponse({"status": "ready" if ready else "not ready", **detail}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics(runtime: RuntimeDep) -> Response:
+    return Response(runtime.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)

@@ -1,0 +1,85 @@
+"""`create_app(settings)`: the FastAPI app, its lifespan (which builds the Runtime) and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service import __version__
+from service.api.routes import router
+from service.errors import ServiceError
+from service.pipeline import Pipeline
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    """Build the app. The Runtime is built in the lifespan unless one is injected (tests, gRPC sharing)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = runtime or await asyncio.to_thread(Runtime, settings)
+        app.state.runtime = rt
+        app.state.pipeline = Pipeline(rt)
+        # Calibrate in the background: /healthz answers at once, /readyz turns 200 when calibrated.
+        starter = asyncio.create_task(rt.start(), name="segserve-calibration")
+        app.state.starter = starter
+        try:
+            yield
+        finally:
+            if not starter.done():
+                starter.cancel()
+            await rt.close()
+
+    app = FastAPI(
+        title="segserve",
+        version=__version__,
+        description="Semantic segmentation with a per-request latency budget: the server picks the EDAFormer "
+        "Inference-Spatial-Reduction level that fits each request's budget under the current load.",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request"
+        return JSONResponse({"error": {"code": "invalid_parameter", "message": message}}, status_code=422)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error on %s", request.url.path)
+            response = JSONResponse({"error": {"code": "internal", "message": "internal server error"}},
+                                    status_code=500)
+        route = request.scope.get("route")
+        rt: Runtime | None = getattr(request.app.state, "runtime", None)
+        if rt is not None:
+            path = getattr(route, "path", "unmatched")
+            rt.metrics.requests.labels(path, str(response.status_code), rt.model_name).inc()
+        return response
+
+    return app

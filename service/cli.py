@@ -1,0 +1,67 @@
+"""The `segserve` command: `serve`, plus the model tools (`predict`, `export-onnx`, `bench`) and `loadtest`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run the HTTP (and gRPC) server",
+        description="Every option is also an environment variable SEGSERVE_<NAME> (e.g. SEGSERVE_PORT).",
+    )
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--grpc-port", type=int, help="also serve gRPC on this port")
+    serve.add_argument("--model", help="registered model name (default edaformer-t)")
+    serve.add_argument("--checkpoint", help="official .pth or .safetensors; default: random weights")
+    serve.add_argument("--dataset", choices=["ade20k", "cityscapes", "coco-stuff"])
+    serve.add_argument("--device", choices=["cpu", "cuda"])
+    serve.add_argument("--workers", type=int)
+    serve.add_argument("--backend", choices=["torch", "onnx"])
+    serve.add_argument("--levels", help="comma-separated level names to serve (default: all)")
+    serve.add_argument("--redis-url", help="share the result cache through Redis")
+    serve.add_argument("--max-batch-size", type=int)
+    serve.add_argument("--calibration-shape", help="HxW at which levels are calibrated, e.g. 512x512")
+    serve.add_argument("--log-level")
+    serve.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+    from service.settings import Settings
+
+    # Only options given on the command line override the environment and the defaults.
+    overrides = {
+        key: value for key, value in vars(args).items()
+        if key not in {"command", "handler"} and value is not None
+    }
+    serve(Settings(**overrides))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segserve", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve(subparsers)
+    from models.cli import add_model_subcommands
+
+    add_model_subcommands(subparsers)
+    try:
+        from loadtest.cli import add_loadtest_subcommand
+    except ImportError:  # the load-test tools are optional (extra "loadtest")
+        pass
+    else:
+        add_loadtest_subcommand(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Run the HTTP (and optionally gRPC) server with a graceful, deadline-respecting shutdown.
+
+On SIGTERM or SIGINT: readiness turns 503 and new work is refused at once, accepted work finishes within
+`shutdown_grace_s`, then uvicorn (and gRPC) stop and the process exits. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import uvicorn
+
+from service.app import create_app
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first exit signal drains the runtime before stopping the server."""
+
+    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+        super().__init__(config)
+        self.settings = settings
+        self.runtime: Runtime | None = None
+        self._drain_task: asyncio.Task | None = None
+        self.grpc_server = None
+
+    def handle_exit(self, sig: int, frame) -> None:  # type: ignore[no-untyped-def]
+        if self._drain_task is not None or self.runtime is None:
+            return super().handle_exit(sig, frame)  # second signal, or nothing to drain: default path
+        log.info("signal %s: draining before exit", sig)
+        self._drain_task = asyncio.get_event_loop().create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        assert self.runtime is not None
+        grace = self.settings.shutdown_grace_s
+        if self.grpc_server is not None:
+            self.grpc_server.begin_drain()
+        await self.runtime.drain(grace)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1.0)
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runtime = Runtime(settings)
+    app = create_app(settings, runtime=runtime)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
+    server = DrainingServer(config, settings)
+    server.runtime = runtime
+
+    async def main() -> None:
+        if settings.grpc_port is not None:
+            from service.grpc.server import GrpcServer
+
+            server.grpc_server = GrpcServer(runtime, app, settings)
+            await server.grpc_server.start()
+        await server.serve()
+
+    asyncio.run(main())
