@@ -141,7 +141,8 @@ class Pipeline:
                     f"{plan.predicted_s * 1e3:.0f} ms at the cheapest level {plan.level.name})",
                     retry_after_s=retry, code="budget_infeasible")
             flight_key = f"{key.digest()}:{plan.level.name}"
-            cached, batch = await rt.singleflight.do(flight_key, lambda: self._compute(request, header, plan, arrived))
+            cached, batch = await rt.singleflight.do(
+                flight_key, lambda: self._compute(request, header, plan, arrived, key))
             cache_state = "miss"
         else:
             batch = None
@@ -154,13 +155,17 @@ class Pipeline:
             body = encoding.replace_json_receipt(body, receipt.as_dict())
         return SegmentResult(body, cached.content_type, receipt)
 
-    async def _compute(self, request: SegmentRequest, header, plan, arrived: float) -> tuple[CachedResult, object]:
+    async def _compute(
+        self, request: SegmentRequest, header, plan, arrived: float, key: CacheKey
+    ) -> tuple[CachedResult, object]:
         rt = self.rt
         started = time.perf_counter()
         image = await asyncio.to_thread(decode_rgb, request.image, header)
+        decoded_only = time.perf_counter()
         images = await asyncio.to_thread(preprocess, image, plan.shape)
         decoded = time.perf_counter()
-        rt.metrics.stage.labels("decode_preprocess").observe(decoded - started)
+        rt.metrics.stage.labels("decode").observe(decoded_only - started)
+        rt.metrics.stage.labels("preprocess").observe(decoded - decoded_only)
         loop = asyncio.get_running_loop()
         hard_s = min(request.timeout_ms / 1e3 if request.timeout_ms else math.inf, rt.settings.request_timeout_s)
         budget_deadline = arrived + request.budget_ms / 1e3 if request.budget_ms else None
@@ -178,10 +183,7 @@ class Pipeline:
         rt.metrics.stage.labels("encode").observe(encoded - encode_start)
         rt.observe_overhead((decoded - started) + (encoded - encode_start))
         cached = CachedResult(body=body, content_type=content_type, level=plan.level.name, level_rank=plan.level.rank)
-        await rt.cache.put(CacheKey.for_image(request.image, model=rt.model_name, checkpoint=rt.weights_id,
-                                              output_format=request.format,
-                                              output_size=(header.height, header.width),
-                                              options=rt.dataset.name), cached)
+        await rt.cache.put(key, cached)
         return cached, result
 
     def _receipt(self, request, plan, cached: CachedResult, batch, cache_state: str, total_s: float, header) -> Receipt:

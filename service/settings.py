@@ -48,7 +48,9 @@ class Settings(BaseSettings):
     calibration_shape: Size = Field(
         (512, 512), description="Network input (H, W) at which the planner measures each level at start-up."
     )
-    calibration_batch_sizes: Annotated[tuple[int, ...], NoDecode] = Field((1, 2, 4), description="Batch sizes measured per level.")
+    calibration_batch_sizes: Annotated[tuple[int, ...], NoDecode] = Field(
+        (1, 2, 4), description="Batch sizes measured per level (those above max_batch_size are skipped)."
+    )
     calibration_repeats: int = Field(2, ge=1, le=50, description="Timed runs per (level, batch size); median kept.")
     max_batch_size: int = Field(4, ge=1, le=64, description="Largest batch a worker runs.")
     max_queue_delay_ms: float = Field(10.0, ge=0, le=10_000, description="Longest a batch waits to fill up.")

@@ -20,3 +20,15 @@ def live_server() -> Iterator[ServerProcess]:
                                   timeout=60)
             response.raise_for_status()
         yield server
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` are skipped, with a reason, on machines without CUDA (the only allowed skip)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

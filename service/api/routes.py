@@ -65,7 +65,8 @@ def parse_ms(name: str, value: str | None) -> float | None:
     try:
         number = float(value)
     except ValueError:
-        raise InvalidParameter(f"{name} must be a number of milliseconds, got {value!r}", code="invalid_budget") from None
+        raise InvalidParameter(f"{name} must be a number of milliseconds, got {value!r}",
+                               code="invalid_budget") from None
     if math.isnan(number) or math.isinf(number):
         raise InvalidParameter(f"{name} must be a finite number of milliseconds, got {value!r}", code="invalid_budget")
     return number
@@ -115,7 +116,9 @@ async def segment(
     request: Request,
     runtime: RuntimeDep,
     model: str | None = None,
-    latency_budget_ms: Annotated[str | None, Query(description="Latency budget in ms (also X-Latency-Budget-Ms).")] = None,
+    latency_budget_ms: Annotated[
+        str | None, Query(description="Latency budget in ms (also the header X-Latency-Budget-Ms).")
+    ] = None,
     quality: Annotated[str | None, Query(description="fast, balanced, best, or 0..1; caps the level.")] = None,
     level: Annotated[str | None, Query(description="A level name from /v1/models; bypasses the planner.")] = None,
     format: Annotated[str, Query(description="png (default), color, rle or json.")] = "png",

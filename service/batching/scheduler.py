@@ -206,8 +206,12 @@ class Scheduler:
                     item.future.set_exception(InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}"))
         else:
             compute_s = output.forward_s + output.postprocess_s
-            self.profile.observe(level, shape, len(batch), output.forward_s + output.postprocess_s)
+            self.profile.observe(level, shape, len(batch), compute_s)
+            refined = self.profile.estimate(level, self.profile.calibration_shape, len(batch))
+            self.metrics.calibrated_latency.labels(self.model_name, level.name, str(len(batch))).set(refined)
             self.metrics.batch_size.labels(self.model_name, level.name).observe(len(batch))
+            self.metrics.stage.labels("forward").observe(output.forward_s)
+            self.metrics.stage.labels("postprocess").observe(output.postprocess_s)
             for item, labels in zip(batch, output.labels, strict=True):
                 if not item.future.done():
                     item.future.set_result(ItemResult(labels, started - item.enqueued_at, compute_s, len(batch)))
