@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(20.0, ge=0, le=600, description="How long SIGTERM waits for accepted work.")
     log_level: str = Field("info", description="Python logging level.")
 
+    @field_validator("checkpoint", "redis_url", "grpc_port", "resize_scale", "threads_per_worker", "levels",
+                     mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose and Kubernetes pass unset variables as "": treat that as "not set", not as a path.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("calibration_shape", "resize_scale", mode="before")
     @classmethod
     def _parse_shape(cls, value: object) -> object:
