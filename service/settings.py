@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     def _parse_shape(cls, value: object) -> object:
         # Accept "512x512" from the environment or the CLI.
         if isinstance(value, str):
+            if not value.strip():
+                return None
             height, width = value.lower().split("x")
             return (int(height), int(width))
         return value
