@@ -62,8 +62,8 @@ def _safe_torch_load(path: Path) -> object:
             f"refusing to load {path}: it is not a plain-data checkpoint (weights_only=True rejected it: "
             f"{str(exc).splitlines()[0]}). Convert it to safetensors or a state dict of tensors."
         ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # torch's legacy (non-zip) reader raises KeyError/IndexError on garbage
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

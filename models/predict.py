@@ -58,7 +58,9 @@ def preprocess(image: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
     return ((pixels - mean) / std).unsqueeze(0)
 
 
-def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+def slide_windows(
+    height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
     """mmseg's slide grid: (y1, y2, x1, x2) per window; the last window clamps to the far edge."""
     (crop_h, crop_w), (stride_h, stride_w) = crop, stride
     rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
@@ -71,7 +73,9 @@ def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[
     return windows
 
 
-def slide_logits(run: LogitsFn, images: torch.Tensor, isr: IsrConfig, crop: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
+def slide_logits(
+    run: LogitsFn, images: torch.Tensor, isr: IsrConfig, crop: tuple[int, int], stride: tuple[int, int]
+) -> torch.Tensor:
     """Sliding-window logits at the input resolution: each crop's logits resized to the crop, averaged."""
     B, _, height, width = images.shape
     total: torch.Tensor | None = None
