@@ -46,6 +46,10 @@ class Runtime:
         self._threads = settings.threads_per_worker or max(1, (os.cpu_count() or 1) // settings.workers)
         torch.set_num_threads(self._threads)
 
+        if settings.checkpoint is None:
+            # Same random weights in every replica, so that replicas sharing a Redis cache under the
+            # weights id "random" also share the same masks.
+            torch.manual_seed(0)
         self.model = create_model(settings.model, checkpoint=settings.checkpoint, dataset=settings.dataset).eval()
         meta = self.model.meta
         self.model_name = meta.name

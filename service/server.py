@@ -60,6 +60,12 @@ def serve(settings: Settings) -> None:
 
             server.grpc_server = GrpcServer(runtime, app, settings)
             await server.grpc_server.start()
-        await server.serve()
+        try:
+            await server.serve()
+        finally:
+            # Also when uvicorn ends without draining (it could not bind, or a second signal): stop gRPC
+            # while the loop still runs. After a drain this is a no-op.
+            if server.grpc_server is not None:
+                await server.grpc_server.stop(grace=0)
 
     asyncio.run(main())
