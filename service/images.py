@@ -37,7 +37,7 @@ def read_header(data: bytes, *, max_pixels: int, min_side: int) -> ImageHeader:
     except UnidentifiedImageError as exc:
         raise BadInput("the body is not an image that can be read (JPEG, PNG or WebP expected)",
                        code="invalid_image") from exc
-    except OSError as exc:
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow raises ValueError on e.g. a short PNG IHDR chunk
         raise BadInput(f"the image cannot be read: {exc}", code="invalid_image") from exc
     if image.format not in ALLOWED_FORMATS:
         raise UnsupportedFormat(f"{image.format} images are not supported; send JPEG, PNG or WebP")

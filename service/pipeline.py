@@ -8,6 +8,7 @@ off the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ from service.batching.scheduler import WorkItem
 from service.cache import CachedResult, CacheKey
 from service.errors import InvalidParameter, NotFound, ServiceError, Unavailable
 from service.images import decode_rgb, read_header
-from service.planner import QUALITY_NAMES, choose
+from service.planner import QUALITY_NAMES, Plan, choose
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class Pipeline:
 
     def _validate(self, request: SegmentRequest) -> tuple[IsrLevel | None, str | float | None]:
         settings = self.rt.settings
+        request.format = (request.format or "png").lower()
         if request.model not in (None, self.rt.model_name):
             raise NotFound(f"unknown model {request.model!r}; this server serves {self.rt.model_name!r}",
                            code="unknown_model")
@@ -126,11 +128,10 @@ class Pipeline:
                       backlog_s=rt.scheduler.backlog_s(), overhead_s=rt.overhead_s,
                       safety_margin=rt.settings.safety_margin)
         if not plan.level.isr.fits(*shape):
-            raise InvalidParameter(f"image of {header.width}x{header.height} is too small for level {plan.level.name}",
-                                   code="image_too_small")
+            plan = self._fitting_plan(plan, shape, explicit, budget_s, header)
         key = CacheKey.for_image(request.image, model=rt.model_name, checkpoint=rt.weights_id,
                                  output_format=request.format, output_size=(header.height, header.width),
-                                 options=rt.dataset.name)
+                                 options=rt.cache_options)
         cached = await rt.cache.get(key, plan.level.rank)
         if cached is None:
             if request.strict and not plan.feasible:
@@ -154,6 +155,24 @@ class Pipeline:
         if request.format in JSON_FORMATS:
             body = encoding.replace_json_receipt(body, receipt.as_dict())
         return SegmentResult(body, cached.content_type, receipt)
+
+    def _fitting_plan(self, plan: Plan, shape, explicit: IsrLevel | None, budget_s: float | None, header) -> Plan:
+        """The planned level pools more than a thin input allows: run the closest level that fits instead.
+
+        Cheaper levels pool more, so the levels that fit are the better ones; the cheapest of them replaces
+        the plan. An explicit level is not second-guessed, and an input no level fits is refused.
+        """
+        rt = self.rt
+        fitting = [level for level in rt.levels if level.isr.fits(*shape)]
+        if explicit is not None or not fitting:
+            raise InvalidParameter(f"image of {header.width}x{header.height} is too small for level {plan.level.name}",
+                                   code="image_too_small")
+        better = [level for level in fitting if level.rank < plan.level.rank]
+        level = better[-1] if better else fitting[0]
+        refit = choose(rt.profile, shape, budget_s=budget_s, quality=None, explicit=level,
+                       backlog_s=rt.scheduler.backlog_s(), overhead_s=rt.overhead_s,
+                       safety_margin=rt.settings.safety_margin)
+        return dataclasses.replace(refit, reason=plan.reason if refit.feasible else "fallback")
 
     async def _compute(
         self, request: SegmentRequest, header, plan, arrived: float, key: CacheKey

@@ -67,6 +67,8 @@ class Runtime:
                         self.model_name)
             log.warning("Set --checkpoint / SEGSERVE_CHECKPOINT to an official EDAFormer checkpoint.")
             log.warning("=" * 72)
+        # Everything besides image, model, weights and format that changes the mask or its encoding.
+        self.cache_options = f"{self.dataset.name}:{self.dataset.resize_scale}:{self.dataset.align_to}"
         names = [n.strip() for n in settings.levels.split(",")] if settings.levels else None
         chosen = [level_by_name(n) for n in names] if names else list(LADDER)
         # Keep ladder order (best first) whatever order the setting listed them in.

@@ -53,7 +53,10 @@ class Settings(BaseSettings):
     )
     calibration_repeats: int = Field(2, ge=1, le=50, description="Timed runs per (level, batch size); median kept.")
     max_batch_size: int = Field(4, ge=1, le=64, description="Largest batch a worker runs.")
-    max_queue_delay_ms: float = Field(10.0, ge=0, le=10_000, description="Longest a batch waits to fill up.")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, le=10_000,
+        description="Longest a batch waits to fill up while a worker is idle (batches also form while all are busy).",
+    )
     max_queue_size: int = Field(64, ge=1, le=100_000, description="Queued requests per model before 429.")
     safety_margin: float = Field(
         0.15, ge=0, le=2, description="Fraction added to predicted latency when checking a budget."

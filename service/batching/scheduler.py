@@ -173,7 +173,12 @@ class Scheduler:
         return min(ready)[2] if ready else None
 
     def _next_wake(self, now: float) -> float | None:
-        times = [self._ready_at(key, queue) for key, queue in self._queues.items() if queue]
+        """When the loop must look again by itself; a finishing batch or a new request wakes it earlier."""
+        # With every worker busy a ready batch cannot go anywhere: only hard deadlines need a timer then
+        # (a batch that finishes sets the wake event), so the loop sleeps instead of polling.
+        times = []
+        if self.pool.has_idle():
+            times = [self._ready_at(key, queue) for key, queue in self._queues.items() if queue]
         times += [item.hard_deadline for queue in self._queues.values() for item in queue]
         if not times:
             return None
