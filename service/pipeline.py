@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 from models.isr import IsrLevel
 from models.predict import preprocess
 from service import encoding
-from service.batching.scheduler import WorkItem
+from service.batching.scheduler import ItemResult, WorkItem
 from service.cache import CachedResult, CacheKey
-from service.errors import InvalidParameter, NotFound, ServiceError, Unavailable
-from service.images import decode_rgb, read_header
-from service.planner import QUALITY_NAMES, Plan, choose
+from service.errors import InvalidParameter, NotFound, Unavailable
+from service.images import ImageHeader, decode_rgb, read_header
+from service.planner import QUALITY_NAMES, Plan, Shape, choose
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,9 @@ class Pipeline:
             body = encoding.replace_json_receipt(body, receipt.as_dict())
         return SegmentResult(body, cached.content_type, receipt)
 
-    def _fitting_plan(self, plan: Plan, shape, explicit: IsrLevel | None, budget_s: float | None, header) -> Plan:
+    def _fitting_plan(
+        self, plan: Plan, shape: Shape, explicit: IsrLevel | None, budget_s: float | None, header: ImageHeader
+    ) -> Plan:
         """The planned level pools more than a thin input allows: run the closest level that fits instead.
 
         Cheaper levels pool more, so the levels that fit are the better ones; the cheapest of them replaces
@@ -175,8 +177,8 @@ class Pipeline:
         return dataclasses.replace(refit, reason=plan.reason if refit.feasible else "fallback")
 
     async def _compute(
-        self, request: SegmentRequest, header, plan, arrived: float, key: CacheKey
-    ) -> tuple[CachedResult, object]:
+        self, request: SegmentRequest, header: ImageHeader, plan: Plan, arrived: float, key: CacheKey
+    ) -> tuple[CachedResult, ItemResult]:
         rt = self.rt
         started = time.perf_counter()
         image = await asyncio.to_thread(decode_rgb, request.image, header)
@@ -205,7 +207,10 @@ class Pipeline:
         await rt.cache.put(key, cached)
         return cached, result
 
-    def _receipt(self, request, plan, cached: CachedResult, batch, cache_state: str, total_s: float, header) -> Receipt:
+    def _receipt(
+        self, request: SegmentRequest, plan: Plan, cached: CachedResult, batch: ItemResult | None,
+        cache_state: str, total_s: float, header: ImageHeader,
+    ) -> Receipt:
         level = self.rt.level(cached.level)
         budget_met = None if request.budget_ms is None else total_s * 1e3 <= request.budget_ms
         return Receipt(
@@ -217,7 +222,7 @@ class Pipeline:
             plan_reason=plan.reason, height=header.height, width=header.width,
         )
 
-    def _record(self, request: SegmentRequest, plan, receipt: Receipt, total_s: float) -> None:
+    def _record(self, request: SegmentRequest, plan: Plan, receipt: Receipt, total_s: float) -> None:
         m, model = self.rt.metrics, self.rt.model_name
         m.request_duration.labels(model, receipt.level).observe(total_s)
         m.level_chosen.labels(model, plan.level.name, plan.reason).inc()
@@ -227,6 +232,3 @@ class Pipeline:
         if receipt.budget_met is not None:
             m.budget_outcomes.labels(model, "met" if receipt.budget_met else "missed").inc()
 
-
-def error_status(exc: BaseException) -> int:
-    return exc.http_status if isinstance(exc, ServiceError) else 500
