@@ -46,13 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segserve", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
-    try:
-        from models.cli import add_model_subcommands
-    except ModuleNotFoundError as exc:  # TEMPORARY while models/cli.py is being written
-        if exc.name != "models.cli":
-            raise
-    else:
-        add_model_subcommands(subparsers)
+    from models.cli import add_model_subcommands
+
+    add_model_subcommands(subparsers)
     try:
         from loadtest.cli import add_loadtest_subcommand
     except ImportError:  # the load-test tools are optional (extra "loadtest")

@@ -51,7 +51,8 @@ class EmbeddingFreeAttention(nn.Module):
         kv = self.sr(grid).flatten(2).transpose(1, 2)  # B, N', C
         if self.norm is not None:
             kv = F.gelu(self.norm(kv))
-        kv = kv.reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)  # B, h, N', d; key = value
+        # contiguous(): the fused CPU attention kernel needs a dense last dim, else it falls back to math.
+        kv = kv.reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2).contiguous()  # B, h, N', d; k = v
 
         if self.fused:
             out = F.scaled_dot_product_attention(q, kv, kv)
