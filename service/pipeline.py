@@ -21,7 +21,7 @@ from service.batching.scheduler import ItemResult, WorkItem
 from service.cache import CachedResult, CacheKey
 from service.errors import InvalidParameter, NotFound, Unavailable
 from service.images import ImageHeader, decode_rgb, read_header
-from service.planner import QUALITY_NAMES, Plan, Shape, choose
+from service.planner import QUALITY_NAMES, Plan, Shape, choose, quality_floor_rank
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class Pipeline:
                     retry_after_s=retry, code="budget_infeasible")
             flight_key = f"{key.digest()}:{plan.level.name}"
             cached, batch = await rt.singleflight.do(
-                flight_key, lambda: self._compute(request, header, plan, arrived, key))
+                flight_key, lambda: self._compute(request, header, plan, arrived, key, quality))
             cache_state = "miss"
         else:
             batch = None
@@ -177,7 +177,8 @@ class Pipeline:
         return dataclasses.replace(refit, reason=plan.reason if refit.feasible else "fallback")
 
     async def _compute(
-        self, request: SegmentRequest, header: ImageHeader, plan: Plan, arrived: float, key: CacheKey
+        self, request: SegmentRequest, header: ImageHeader, plan: Plan, arrived: float, key: CacheKey,
+        quality: str | float | None,
     ) -> tuple[CachedResult, ItemResult]:
         rt = self.rt
         started = time.perf_counter()
@@ -192,8 +193,11 @@ class Pipeline:
         budget_deadline = arrived + request.budget_ms / 1e3 if request.budget_ms else None
         if request.strict and budget_deadline is not None:
             hard_s = min(hard_s, request.budget_ms / 1e3)
+        # The scheduler may re-plan the level at dispatch, but never above the quality cap.
+        best_rank = min(quality_floor_rank(quality, len(rt.levels)), len(rt.levels) - 1)
         item = WorkItem(images=images, original_size=(header.height, header.width), level=plan.level,
-                        budget_deadline=budget_deadline, hard_deadline=arrived + hard_s, future=loop.create_future())
+                        budget_deadline=budget_deadline, hard_deadline=arrived + hard_s, future=loop.create_future(),
+                        best_rank=rt.levels[best_rank].rank, pinned=plan.reason == "explicit")
         rt.scheduler.submit(item)
         result = await item.future
         encode_start = time.perf_counter()
@@ -203,7 +207,8 @@ class Pipeline:
         encoded = time.perf_counter()
         rt.metrics.stage.labels("encode").observe(encoded - encode_start)
         rt.observe_overhead((decoded - started) + (encoded - encode_start))
-        cached = CachedResult(body=body, content_type=content_type, level=plan.level.name, level_rank=plan.level.rank)
+        cached = CachedResult(body=body, content_type=content_type, level=result.level.name,
+                              level_rank=result.level.rank)
         await rt.cache.put(key, cached)
         return cached, result
 
@@ -219,7 +224,8 @@ class Pipeline:
             compute_ms=round(batch.compute_s * 1e3, 3) if batch else 0.0,
             total_ms=round(total_s * 1e3, 3), batch_size=batch.batch_size if batch else 0,
             budget_ms=request.budget_ms, budget_met=budget_met, predicted_ms=round(plan.predicted_s * 1e3, 3),
-            plan_reason=plan.reason, height=header.height, width=header.width,
+            plan_reason=plan.reason if batch is None or batch.level == plan.level else f"{plan.reason}+dispatch",
+            height=header.height, width=header.width,
         )
 
     def _record(self, request: SegmentRequest, plan: Plan, receipt: Receipt, total_s: float) -> None:

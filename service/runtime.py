@@ -85,7 +85,7 @@ class Runtime:
         self.scheduler = Scheduler(
             self.pool, self.profile, self.metrics, self.model_name,
             max_batch_size=settings.max_batch_size, max_queue_delay_s=settings.max_queue_delay_ms / 1e3,
-            max_queue_size=settings.max_queue_size,
+            max_queue_size=settings.max_queue_size, levels=self.levels, safety_margin=settings.safety_margin,
         )
         self.cache = build_cache(settings, self.metrics)
         self.singleflight = SingleFlight(cancel_when_abandoned=True)

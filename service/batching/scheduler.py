@@ -1,10 +1,16 @@
 """Dynamic batching: bounded queues per plan key, batches closed on size, wait or deadline.
 
-Requests with the same (level, input shape) share a queue. A queue's batch is ready when it is full,
+Requests with the same (planned level, input shape) share a queue. A queue's batch is ready when it is full,
 when its oldest request has waited `max_queue_delay`, or when its earliest budget deadline minus the
 predicted batch compute is now. Ready batches go to idle workers, earliest deadline first. A request
 whose hard deadline passes while queued is answered 504 and never computed; one whose caller went away
 (its future was cancelled) is dropped without compute.
+
+The level is bound late: the admission plan is a forecast, and when a batch is dispatched the scheduler
+picks, from what it knows then, the best level at which every budgeted member is predicted to finish in
+time (never better than a member's quality cap, never changing an explicitly requested level). A burst
+that arrived after admission therefore downgrades the queued work instead of making it late, and a
+backlog that cleared up upgrades it.
 
 The scheduler decides; workers execute: `run()` reads schedule -> dispatch -> wait.
 """
@@ -36,6 +42,7 @@ _sequence = itertools.count()
 @dataclass
 class ItemResult:
     labels: np.ndarray
+    level: IsrLevel  # the level the batch actually ran at
     queue_s: float
     compute_s: float  # the whole batch's forward + postprocess
     batch_size: int
@@ -45,10 +52,12 @@ class ItemResult:
 class WorkItem:
     images: torch.Tensor  # (1, 3, H, W), preprocessed
     original_size: tuple[int, int]
-    level: IsrLevel
+    level: IsrLevel  # planned at admission; the batch may run at another (see module docstring)
     budget_deadline: float | None  # monotonic; soft: closes batches early, decides budget_met
     hard_deadline: float  # monotonic; past it the request is answered 504 without compute
     future: asyncio.Future = field(repr=False)
+    best_rank: int = 0  # the quality cap: the best level this request may run at
+    pinned: bool = False  # an explicitly requested level: never re-planned
     enqueued_at: float = field(default_factory=time.monotonic)
     order: int = field(default_factory=lambda: next(_sequence))
 
@@ -72,6 +81,8 @@ class Scheduler:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
+        levels: list[IsrLevel] | None = None,
+        safety_margin: float = 0.0,
     ) -> None:
         self.pool = pool
         self.profile = profile
@@ -80,6 +91,8 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        self.levels = sorted(levels or profile.levels, key=lambda level: level.rank)
+        self.safety_margin = safety_margin
         self._queues: dict[tuple[str, Shape], deque[WorkItem]] = {}
         self._running_until: dict[int, float] = {}  # batch id -> predicted end (monotonic)
         self._tasks: set[asyncio.Task] = set()
@@ -190,15 +203,32 @@ class Scheduler:
         batch = ordered[: self.max_batch_size]
         self._queues[key] = deque(item for item in queue if item not in batch)
         self._publish_depth()
+        level = self._dispatch_level(batch, key[1], time.monotonic())
         worker = self.pool.acquire()
         batch_id = next(_sequence)
-        self._running_until[batch_id] = time.monotonic() + self.profile.estimate(batch[0].level, key[1], len(batch))
-        task = asyncio.create_task(self._execute(worker, batch, batch_id))
+        self._running_until[batch_id] = time.monotonic() + self.profile.estimate(level, key[1], len(batch))
+        task = asyncio.create_task(self._execute(worker, batch, batch_id, level))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _execute(self, worker: Worker, batch: list[WorkItem], batch_id: int) -> None:
-        level, shape = batch[0].level, batch[0].shape
+    def _dispatch_level(self, batch: list[WorkItem], shape: Shape, now: float) -> IsrLevel:
+        """The best level at which every budgeted member is predicted to finish by its deadline."""
+        planned = batch[0].level
+        if any(item.pinned for item in batch):
+            return planned
+        deadlines = [item.budget_deadline for item in batch if item.budget_deadline is not None]
+        if not deadlines:
+            return planned
+        slack = min(deadlines) - now
+        cap = max(item.best_rank for item in batch)
+        allowed = [level for level in self.levels if level.rank >= cap and level.isr.fits(*shape)] or [planned]
+        for level in allowed:
+            if self.profile.estimate(level, shape, len(batch)) * (1 + self.safety_margin) <= slack:
+                return level
+        return allowed[-1]  # no level makes it: the cheapest frees the worker soonest
+
+    async def _execute(self, worker: Worker, batch: list[WorkItem], batch_id: int, level: IsrLevel) -> None:
+        shape = batch[0].shape
         started = time.monotonic()
         try:
             images = torch.cat([item.images for item in batch]) if len(batch) > 1 else batch[0].images
@@ -219,7 +249,8 @@ class Scheduler:
             self.metrics.stage.labels("postprocess").observe(output.postprocess_s)
             for item, labels in zip(batch, output.labels, strict=True):
                 if not item.future.done():
-                    item.future.set_result(ItemResult(labels, started - item.enqueued_at, compute_s, len(batch)))
+                    item.future.set_result(
+                        ItemResult(labels, level, started - item.enqueued_at, compute_s, len(batch)))
         finally:
             self._running_until.pop(batch_id, None)
             self.pool.release(worker)

@@ -352,3 +352,52 @@ async def test_a_ready_batch_waits_for_a_worker_without_polling(h: Harness) -> N
     h.scheduler._drop_dead = counting  # type: ignore[method-assign]
     await asyncio.sleep(0.5)
     assert loops < 20, f"{loops} scheduler loops in 0.5 s while waiting for a busy worker"
+
+
+# ----- late binding: the level is re-planned when the batch is dispatched -----
+
+BIG = (256, 320)  # every level of the ladder can pool an input this size (SHAPE fits the full level only)
+
+
+def ladder_profile(harness: Harness, full_ms: float = 200.0, step_ms: float = 30.0) -> None:
+    """Distinct latencies per level at BIG: full 200 ms, then 30 ms cheaper per rank (cheapest 50 ms)."""
+    profile = LatencyProfile(LADDER, BIG, lambda level, shape: 1.0)
+    for level in LADDER:
+        for batch in (1, 2, 4):
+            profile.set(level, batch, (full_ms - step_ms * level.rank) * batch / 1e3)
+    harness.scheduler.profile = harness.profile = profile
+
+
+async def test_a_batch_that_would_miss_its_budget_is_downgraded_at_dispatch(h: Harness) -> None:
+    ladder_profile(h)
+    await h.busy()
+    # Planned at full when admitted; by the time the worker frees up only ~120 ms of budget are left.
+    item = h.submit(1, level=FULL, shape=BIG, budget_s=0.25)
+    await asyncio.sleep(0.13)
+    h.recorder.gate.set()
+    result = await item.future
+    assert result.level.rank > FULL.rank
+    assert h.recorder.batches[-1][0] == result.level.name
+    # 200 - 30 * rank must fit the remaining ~120 ms (no margin configured): rank >= 3.
+    assert result.level.rank >= 3
+
+
+async def test_a_request_whose_backlog_cleared_is_upgraded_at_dispatch(h: Harness) -> None:
+    ladder_profile(h)
+    item = h.submit(1, level=CHEAP, shape=BIG, budget_s=5.0)  # planned cheap (say, behind a backlog that then cleared)
+    result = await item.future
+    assert result.level == FULL
+
+
+async def test_re_planning_respects_the_quality_cap_and_explicit_levels(h: Harness) -> None:
+    ladder_profile(h)
+    capped = h.item(1, level=CHEAP, shape=BIG, budget_s=5.0)
+    capped.best_rank = 2
+    h.scheduler.submit(capped)
+    assert (await capped.future).level.rank == 2  # may go up, but not above its quality cap
+    pinned = h.item(2, level=CHEAP, shape=BIG, budget_s=5.0)
+    pinned.pinned = True
+    h.scheduler.submit(pinned)
+    assert (await pinned.future).level == CHEAP
+    no_budget = h.submit(3, level=LADDER[2], shape=BIG)
+    assert (await no_budget.future).level == LADDER[2]  # without a deadline the admission plan stands
