@@ -30,7 +30,13 @@ class Plan:
 
 
 class LatencyProfile:
-    """Per-batch latency estimates, thread-safe (workers observe, the event loop reads)."""
+    """Per-batch latency estimates, thread-safe (workers observe, the event loop reads).
+
+    Two corrections keep start-up measurements honest: an entry that runs is refined by an exponentially
+    weighted average of its observed times; an entry that has not run yet is scaled by the drift, the
+    average ratio of observed to calibrated time over every batch seen. Without the drift, a level that
+    calibrated slow (say, under CPU contention at start-up) would never be chosen, hence never corrected.
+    """
 
     def __init__(
         self,
@@ -43,16 +49,24 @@ class LatencyProfile:
         self.calibration_shape = calibration_shape
         self._gmacs = gmacs
         self._smoothing = smoothing
-        self._table: dict[str, dict[int, float]] = {level.name: {} for level in self.levels}
+        self._calibrated: dict[str, dict[int, float]] = {level.name: {} for level in self.levels}
+        self._observed: dict[str, dict[int, float]] = {level.name: {} for level in self.levels}
+        self.drift = 1.0
         self._lock = threading.Lock()
 
     def set(self, level: IsrLevel, batch_size: int, seconds: float) -> None:
         with self._lock:
-            self._table[level.name][batch_size] = seconds
+            self._calibrated[level.name][batch_size] = seconds
+            self._observed[level.name].pop(batch_size, None)
+
+    def _row(self, name: str) -> dict[int, float]:
+        row = {batch: seconds * self.drift for batch, seconds in self._calibrated[name].items()}
+        row.update(self._observed[name])
+        return row
 
     def table(self) -> dict[str, dict[int, float]]:
         with self._lock:
-            return {name: dict(sorted(row.items())) for name, row in self._table.items()}
+            return {name: dict(sorted(self._row(name).items())) for name in self._calibrated}
 
     def _shape_factor(self, level: IsrLevel, shape: Shape) -> float:
         if shape == self.calibration_shape:
@@ -62,21 +76,24 @@ class LatencyProfile:
     def estimate(self, level: IsrLevel, shape: Shape, batch_size: int = 1) -> float:
         """Seconds to run a batch of `batch_size` at `shape` (interpolated in batch size)."""
         with self._lock:
-            row = self._table[level.name]
+            row = self._row(level.name)
             if not row:
                 raise RuntimeError(f"level {level.name} has not been calibrated")
             seconds = _interpolate(row, batch_size)
         return seconds * self._shape_factor(level, shape)
 
     def observe(self, level: IsrLevel, shape: Shape, batch_size: int, seconds: float) -> None:
-        """Fold an observed batch time into the estimate for its batch size (normalized to the calibration shape)."""
+        """Fold an observed batch time (normalized to the calibration shape) into its entry and the drift."""
         normalized = seconds / self._shape_factor(level, shape)
+        alpha = self._smoothing
         with self._lock:
-            row = self._table[level.name]
-            previous = row.get(batch_size)
-            row[batch_size] = normalized if previous is None else (
-                (1 - self._smoothing) * previous + self._smoothing * normalized
-            )
+            calibrated = self._calibrated[level.name]
+            if calibrated:
+                ratio = normalized / _interpolate(calibrated, batch_size)
+                self.drift = (1 - alpha) * self.drift + alpha * ratio
+            observed = self._observed[level.name]
+            previous = observed.get(batch_size, calibrated.get(batch_size))  # the first one starts from calibration
+            observed[batch_size] = normalized if previous is None else (1 - alpha) * previous + alpha * normalized
 
 
 def _interpolate(row: dict[int, float], batch_size: int) -> float:

@@ -1,6 +1,7 @@
 """Dynamic batching: bounded queues per plan key, batches closed on size, wait or deadline.
 
-Requests with the same (planned level, input shape) share a queue. A queue's batch is ready when it is full,
+Requests with a budget and the same input shape share a queue (their level is chosen at dispatch); those
+without a budget, or with an explicit level, queue by (level, shape). A queue's batch is ready when it is full,
 when its oldest request has waited `max_queue_delay`, or when its earliest budget deadline minus the
 predicted batch compute is now. Ready batches go to idle workers, earliest deadline first. A request
 whose hard deadline passes while queued is answered 504 and never computed; one whose caller went away
@@ -66,6 +67,12 @@ class WorkItem:
         return (int(self.images.shape[-2]), int(self.images.shape[-1]))
 
     @property
+    def queue_key(self) -> tuple[str, Shape]:
+        """Budgeted requests batch by shape alone: the dispatch picks one level that suits them all."""
+        late_bound = self.budget_deadline is not None and not self.pinned
+        return ("auto" if late_bound else self.level.name, self.shape)
+
+    @property
     def sort_deadline(self) -> float:
         return self.budget_deadline if self.budget_deadline is not None else self.hard_deadline
 
@@ -128,7 +135,7 @@ class Scheduler:
             self.metrics.rejected.labels(self.model_name, "queue_full").inc()
             raise QueueFull(f"the queue is full ({self.max_queue_size} requests); retry shortly",
                             retry_after_s=max(1.0, math.ceil(self.backlog_s())))
-        self._queues.setdefault((item.level.name, item.shape), deque()).append(item)
+        self._queues.setdefault(item.queue_key, deque()).append(item)
         self._publish_depth()
         self._wake.set()
 
@@ -200,10 +207,9 @@ class Scheduler:
     def _dispatch(self, key: tuple[str, Shape]) -> None:
         queue = self._queues[key]
         ordered = sorted(queue, key=lambda item: (item.sort_deadline, item.order))
-        batch = ordered[: self.max_batch_size]
+        batch, level = self._form_batch(ordered[: self.max_batch_size], key[1], time.monotonic())
         self._queues[key] = deque(item for item in queue if item not in batch)
         self._publish_depth()
-        level = self._dispatch_level(batch, key[1], time.monotonic())
         worker = self.pool.acquire()
         batch_id = next(_sequence)
         self._running_until[batch_id] = time.monotonic() + self.profile.estimate(level, key[1], len(batch))
@@ -211,21 +217,34 @@ class Scheduler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _dispatch_level(self, batch: list[WorkItem], shape: Shape, now: float) -> IsrLevel:
+    def _form_batch(self, candidates: list[WorkItem], shape: Shape, now: float) -> tuple[list[WorkItem], IsrLevel]:
+        """The largest deadline-ordered prefix that some level finishes in time, and the best such level.
+
+        A full batch is the most efficient, but a batch of 4 can take longer than the tightest member's
+        remaining budget; then fewer, more urgent requests go first. When no prefix can make it, the whole
+        batch runs at the cheapest allowed level: it is late anyway, and that frees the worker soonest.
+        """
+        for size in range(len(candidates), 0, -1):
+            level, feasible = self._dispatch_level(candidates[:size], shape, now)
+            if feasible:
+                return candidates[:size], level
+        return candidates, self._dispatch_level(candidates, shape, now)[0]
+
+    def _dispatch_level(self, batch: list[WorkItem], shape: Shape, now: float) -> tuple[IsrLevel, bool]:
         """The best level at which every budgeted member is predicted to finish by its deadline."""
         planned = batch[0].level
         if any(item.pinned for item in batch):
-            return planned
+            return planned, True
         deadlines = [item.budget_deadline for item in batch if item.budget_deadline is not None]
         if not deadlines:
-            return planned
+            return planned, True
         slack = min(deadlines) - now
         cap = max(item.best_rank for item in batch)
         allowed = [level for level in self.levels if level.rank >= cap and level.isr.fits(*shape)] or [planned]
         for level in allowed:
             if self.profile.estimate(level, shape, len(batch)) * (1 + self.safety_margin) <= slack:
-                return level
-        return allowed[-1]  # no level makes it: the cheapest frees the worker soonest
+                return level, True
+        return allowed[-1], False
 
     async def _execute(self, worker: Worker, batch: list[WorkItem], batch_id: int, level: IsrLevel) -> None:
         shape = batch[0].shape

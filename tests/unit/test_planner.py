@@ -172,3 +172,16 @@ def test_explicit_level_bypasses_the_planner_and_reports_feasibility() -> None:
     chosen = plan(profile, 1, explicit=LADDER[0], quality="fast")
     assert (chosen.level, chosen.reason, chosen.feasible) == (LADDER[0], "explicit", False)
     assert plan(profile, explicit=LADDER[0]).feasible
+
+
+def test_levels_that_never_ran_follow_the_drift_of_those_that_did() -> None:
+    profile = make_profile()
+    full, cheap = LADDER[0], LADDER[-1]
+    cheap_before = profile.estimate(cheap, CALIBRATION, 4)
+    calibrated_full = profile.estimate(full, CALIBRATION, 1)
+    for _ in range(30):  # the full level keeps running at half its calibrated time
+        profile.observe(full, CALIBRATION, 1, calibrated_full / 2)
+    assert profile.drift == pytest.approx(0.5, rel=0.02)
+    assert profile.estimate(cheap, CALIBRATION, 4) == pytest.approx(cheap_before * profile.drift)
+    # Measured entries follow their own observations, not the drift.
+    assert profile.estimate(full, CALIBRATION, 1) == pytest.approx(calibrated_full / 2, rel=0.01)

@@ -212,7 +212,9 @@ async def test_ready_batches_go_earliest_deadline_first() -> None:
         no_budget = h.submit(3, level=LADDER[2], hard_s=25.0)
         h.recorder.gate.set()
         await asyncio.gather(late.future, early.future, no_budget.future)
-        assert [ids for _, ids, _ in h.recorder.batches[1:]] == [(2,), (1,), (3,)]
+        # Budgeted requests of one shape share a queue whatever their admission level (the level is bound
+        # at dispatch), ordered earliest deadline first; the unbudgeted one keeps its own queue and goes last.
+        assert [ids for _, ids, _ in h.recorder.batches[1:]] == [(2, 1), (3,)]
 
 
 async def test_within_a_queue_the_earliest_deadlines_go_first(h: Harness) -> None:
@@ -361,7 +363,8 @@ BIG = (256, 320)  # every level of the ladder can pool an input this size (SHAPE
 
 def ladder_profile(harness: Harness, full_ms: float = 200.0, step_ms: float = 30.0) -> None:
     """Distinct latencies per level at BIG: full 200 ms, then 30 ms cheaper per rank (cheapest 50 ms)."""
-    profile = LatencyProfile(LADDER, BIG, lambda level, shape: 1.0)
+    # smoothing 0: the fake backend's instant batches must not teach the profile anything here.
+    profile = LatencyProfile(LADDER, BIG, lambda level, shape: 1.0, smoothing=0.0)
     for level in LADDER:
         for batch in (1, 2, 4):
             profile.set(level, batch, (full_ms - step_ms * level.rank) * batch / 1e3)
@@ -401,3 +404,15 @@ async def test_re_planning_respects_the_quality_cap_and_explicit_levels(h: Harne
     assert (await pinned.future).level == CHEAP
     no_budget = h.submit(3, level=LADDER[2], shape=BIG)
     assert (await no_budget.future).level == LADDER[2]  # without a deadline the admission plan stands
+
+
+async def test_a_batch_is_cut_to_the_urgent_requests_when_a_full_one_would_be_late(h: Harness) -> None:
+    ladder_profile(h)  # cheapest level: 50 ms per image, 200 ms for a batch of 4
+    await h.busy()
+    urgent = h.submit(1, level=FULL, shape=BIG, budget_s=0.2)
+    relaxed = [h.submit(i, level=FULL, shape=BIG, budget_s=5.0) for i in (2, 3, 4)]
+    h.recorder.gate.set()
+    await asyncio.gather(urgent.future, *(item.future for item in relaxed))
+    first = h.recorder.batches[1]
+    assert first[1][0] == 1 and len(first[1]) < 4  # the urgent one went first, in a smaller batch
+    assert urgent.future.result().level.rank > 0
