@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +9,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
+from tests.tools import require_tool
 
 
 def _free_port() -> int:
@@ -84,12 +84,7 @@ def redis_server() -> Iterator[RedisServerProcess]:
     Without `redis-server` on PATH the test is skipped, except in CI (CI=true), where it fails: the
     cache's fail-open behaviour must be tested against a real server before a release.
     """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        message = "redis-server is not on PATH (apt-get install redis-server)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    binary = require_tool("redis-server", "apt-get install redis-server")
     server = RedisServerProcess(binary, _free_port())
     server.start()
     try:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import __version__
 from tests.servers import ServerProcess, jpeg_bytes
+from tests.tools import require_tool
 
 MODEL = "edaformer-t"
 
@@ -111,12 +109,7 @@ def test_info_and_state_gauges(live_server: ServerProcess) -> None:
 
 
 def test_promtool_accepts_the_exposition(live_server: ServerProcess) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        message = "promtool is not on PATH (apt-get install prometheus)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    promtool = require_tool("promtool", "apt-get install prometheus")
     assert segment(live_server, jpeg_bytes(height=64, width=64, seed=502), latency_budget_ms=60_000).status_code == 200
     snapshot = Snapshot(live_server)
     assert snapshot.content_type.startswith("text/plain; version=")  # the Prometheus text format

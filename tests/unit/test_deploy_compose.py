@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tools import require_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
@@ -96,12 +98,7 @@ def test_prometheus_scrapes_segserve_and_loads_the_alerts(compose: dict) -> None
 
 
 def test_prometheus_files_pass_promtool() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        reason = "promtool not found: run scripts/install-deploy-tools.sh"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    promtool = require_tool("promtool", "run scripts/install-deploy-tools.sh")
     # --syntax-only: rule_files name container paths, which do not exist here.
     for command in (["check", "config", "--syntax-only", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
         result = subprocess.run(

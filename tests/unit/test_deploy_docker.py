@@ -6,17 +6,16 @@ No Docker engine is needed: the Dockerfile is parsed here, stage by stage.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -165,13 +164,7 @@ def test_dockerignore_lets_every_copied_path_in() -> None:
 
 
 def _hadolint() -> str:
-    found = shutil.which("hadolint", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    if found is None:
-        reason = "hadolint not found: run scripts/install-deploy-tools.sh"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return found
+    return require_tool("hadolint", "run scripts/install-deploy-tools.sh")
 
 
 def test_hadolint_passes() -> None:

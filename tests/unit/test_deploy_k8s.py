@@ -9,15 +9,14 @@ lives in deploy/k8s/monitoring and is checked here against a schema of the field
 from __future__ import annotations
 
 import functools
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.tools import find_tool, missing
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy/k8s"
@@ -26,15 +25,8 @@ OVERLAYS = ("cpu", "gpu")
 K8S_VERSIONS = ("1.28.0", None)
 
 
-def _tool(name: str) -> str | None:
-    return shutil.which(name, path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-
-
-def _missing(reason: str) -> None:
-    # CI installs every tool (scripts/install-deploy-tools.sh), so there a missing one is a failure.
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+_tool = find_tool
+_missing = missing
 
 
 def _validator() -> str:

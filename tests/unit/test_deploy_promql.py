@@ -11,17 +11,16 @@ in service/metrics.py. promtool, Prometheus's own parser, checks that every expr
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/segserve.json"
@@ -188,12 +187,7 @@ def test_deploy_metrics_are_exported_by_a_running_server(live_server) -> None:
 
 
 def test_deploy_expressions_parse(tmp_path: Path) -> None:
-    promtool = shutil.which("promtool", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    if promtool is None:
-        reason = "promtool not found: run scripts/install-deploy-tools.sh"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    promtool = require_tool("promtool", "run scripts/install-deploy-tools.sh")
     rules, origins = [], []
     for i, (where, expr) in enumerate(deploy_expressions()):
         # Grafana's interval variables are the only `$` outside strings; promtool needs a duration.
