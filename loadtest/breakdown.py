@@ -33,12 +33,8 @@ import json
 import os
 import platform
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +43,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from loadtest.servers import ManagedServer
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Service: one request's time, end to end"
@@ -82,53 +80,12 @@ def make_jpeg(size: int = 512, seed: int = 0, quality: int = 90) -> bytes:
 
 # ----- the server -----
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`python -m service serve` on a free loopback port, stopped with SIGTERM on exit."""
-
-    def __init__(self, env: dict[str, str], unset: Sequence[str] = ()) -> None:
-        self.port = _free_port()
-        self.env = {**os.environ, **env, "SEGSERVE_HOST": "127.0.0.1", "SEGSERVE_PORT": str(self.port),
-                    "PYTHONUNBUFFERED": "1"}
-        for name in unset:
-            self.env.pop(name, None)
-        self.log = Path(tempfile.gettempdir()) / f"segserve-breakdown-{self.port}.log"
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Server:
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=self.env,
-                                            stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"segserve exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0, trust_env=False).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.__exit__()
-        raise TimeoutError(f"segserve was not ready in time:\n{self.log.read_text()[-3000:]}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def _segserve(env: dict[str, str], unset: Sequence[str]) -> ManagedServer:
+    """`python -m service serve` on a free loopback port (the load test's launcher)."""
+    server = ManagedServer(name="breakdown", kind="segserve", command=[sys.executable, "-m", "service", "serve"],
+                           env=dict(env), ready_path="/readyz", unset_env=tuple(unset))
+    server.env.update({"SEGSERVE_HOST": "127.0.0.1", "SEGSERVE_PORT": str(server.port)})
+    return server
 
 
 def stage_sums(metrics_text: str) -> dict[str, tuple[float, float]]:
@@ -221,13 +178,13 @@ def measure(runs: int, warmup: int, level: str, size: int) -> dict:
     stage_ms: dict[str, list[float]] = {stage: [] for stage in STAGES}
     local_total_ms: list[float] = []
     print(f"starting segserve (level {level}, {threads} threads, reference pipeline, no cache) ...", file=sys.stderr)
-    with Server(env, unset=unset) as server, httpx.Client(timeout=120, trust_env=False) as client:
-        url = f"{server.url}/v1/segment"
-        models = client.get(f"{server.url}/v1/models").json()["models"][0]
+    with _segserve(env, unset) as server, httpx.Client(timeout=120, trust_env=False) as client:
+        url = f"{server.base_url}/v1/segment"
+        models = client.get(f"{server.base_url}/v1/models").json()["models"][0]
         server_stages_before = None
         for run in range(warmup + runs):
             if run == warmup:
-                server_stages_before = stage_sums(client.get(f"{server.url}/metrics").text)
+                server_stages_before = stage_sums(client.get(f"{server.base_url}/metrics").text)
             start = time.perf_counter()
             response = client.post(url, content=data, params={"level": level},
                                    headers={"Content-Type": "image/jpeg"})
@@ -249,7 +206,7 @@ def measure(runs: int, warmup: int, level: str, size: int) -> dict:
             local_total_ms.append(sum(times.values()) * 1e3)
             print(f"run {run - warmup + 1}/{runs}: http {elapsed * 1e3:.1f} ms, in-process "
                   f"{local_total_ms[-1]:.1f} ms", file=sys.stderr)
-        server_stages_after = stage_sums(client.get(f"{server.url}/metrics").text)
+        server_stages_after = stage_sums(client.get(f"{server.base_url}/metrics").text)
     server_means = {}
     for stage, (total, count) in server_stages_after.items():
         before_total, before_count = (server_stages_before or {}).get(stage, (0.0, 0.0))
@@ -353,7 +310,8 @@ def section(result: dict, command: str) -> str:
         f"One {c['size']}x{c['size']} JPEG ({c['jpeg_bytes'] / 1024:.0f} kB), EDAFormer-T (random weights, "
         f"150 classes) at level {c['level']} ({c['gmacs']} GMACs), the reference ADE20K pipeline (network input "
         f"{c['size']}x{c['size']}), torch eager on CPU with {c['threads']} intra-op threads; the segserve server "
-        "with one worker, default batching (10 ms maximum queue delay) and the result cache off. Medians over "
+        "with one worker, default batching (2 ms maximum queue delay while a worker is idle) and the result "
+        "cache off. Medians over "
         f"{c['runs']} runs, HTTP and in-process alternating. Postprocessing: {c['postprocess']}.",
         "",
         f"Machine: {c['cpu_count']} cores, Python {c['python']}, torch {c['torch']}, OMP_WAIT_POLICY "
@@ -367,8 +325,7 @@ def section(result: dict, command: str) -> str:
         "minus the server's compute for that very request (`X-Segserve-Compute-Ms`: forward + resize + argmax) minus "
         "the in-process decode, preprocess and encoding: what the service adds around the same computation. It "
         "cancels the run-to-run variation of the forward pass on a shared machine, which the difference of the "
-        "medians does not. Most of it is the queue row: a lone request waits the maximum queue delay for company "
-        "before its batch closes.",
+        "medians does not.",
         "",
         *verdicts(result),
         "",
