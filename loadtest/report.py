@@ -117,6 +117,12 @@ def _x(target: dict) -> tuple[list[dict], list[dict]]:
     return [s for s in steps if not s["burst"]], [s for s in steps if s["burst"]]
 
 
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)  # figures are never shown; keep pyplot's registry from growing across runs
+
+
 def plot_cdf(report: dict, path: Path) -> None:
     names = list(report["latencies_ms"])
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.0), sharey=True, squeeze=False)
@@ -135,9 +141,7 @@ def plot_cdf(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("fraction of requests sent")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_level_mix(report: dict, path: Path) -> None:
@@ -164,9 +168,7 @@ def plot_level_mix(report: dict, path: Path) -> None:
     line, line_name = ax2.get_legend_handles_labels()
     # Below the axes: inside, the legend would hide bars; to the right, it would collide with the twin axis.
     ax.legend(bars + line, names_ + line_name, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _per_target_lines(ax: plt.Axes, report: dict, value: str) -> None:
@@ -189,9 +191,7 @@ def plot_attainment(report: dict, path: Path) -> None:
     ax.set_ylabel("requests within their budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_throughput(report: dict, path: Path) -> None:
@@ -214,9 +214,7 @@ def plot_throughput(report: dict, path: Path) -> None:
         ax.set_xlabel("offered load (% of capacity)")
         ax.grid(alpha=0.3)
     left.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write(report: dict, out_dir: Path, *, plots: bool = True) -> list[Path]:
