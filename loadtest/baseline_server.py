@@ -26,9 +26,9 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
 from PIL import Image, UnidentifiedImageError
 
-from models import IsrConfig, create_model
+from models import create_model
 from models.datasets import dataset_for
-from models.predict import Predictor
+from models.predict import Predictor, pipeline_for
 
 
 def build_app(model_name: str = "edaformer-t", checkpoint: str | None = None, dataset: str = "ade20k",
@@ -38,8 +38,9 @@ def build_app(model_name: str = "edaformer-t", checkpoint: str | None = None, da
     if resize_scale is not None:
         # The same override segserve applies for SEGSERVE_RESIZE_SCALE, so both see the same inputs.
         info = dataclasses.replace(info, resize_scale=resize_scale)
-    predictor = Predictor(lambda images, isr: model(images.to(device), isr).float().cpu(), info)
-    full = IsrConfig()
+    predictor = Predictor(lambda images, **knob: model(images.to(device), **knob).float().cpu(),
+                          pipeline_for(model.spec, info))
+    full = model.spec.training_level()
     lock = asyncio.Lock()
     state = {"inflight": 0}
 

@@ -37,9 +37,10 @@ from tqdm.auto import tqdm
 
 from models.export import DEFAULT_OPSET, check_parity, export_onnx
 from models.flops import count_gmacs
-from models.isr import LADDER, IsrConfig, IsrLevel, level_by_name
+from models.isr import IsrConfig
 from models.onnx_runner import OnnxRunner
 from models.registry import create_model
+from models.spec import Level
 
 log = logging.getLogger(__name__)
 DEFAULT_ONNX_DIR = Path(os.environ.get("SEGSERVE_CACHE", Path.home() / ".cache" / "segserve")) / "onnx"
@@ -106,9 +107,12 @@ def time_calls(fn: Callable[[], object], repeats: int, budget_s: float, long_s: 
     return samples, ""
 
 
-def attention_bytes(isr: IsrConfig, batch: int, height: int, width: int) -> int:
-    """Largest attention matrix (B x heads x N x N' fp32) of the forward pass; the unfused paths hold
+def attention_bytes(level: Level, batch: int, height: int, width: int) -> int:
+    """Largest attention matrix (B x heads x N x N' fp32) of an EDAFormer forward pass; the unfused paths hold
     two or three of them at once, which is what can exhaust memory at 1024x2048, batch 4."""
+    if level.knob != "isr" or not isinstance(level.value, IsrConfig):
+        return 0
+    isr = level.value
     grids = [(-(-height // s), -(-width // s)) for s in (4, 8, 16, 32)]  # ceil(side / stride)
     encoder = zip(grids, isr.encoder_pools, (1, 2, 4, 8), strict=True)
     decoder = zip(grids[1:], isr.decoder_pools, (2, 4, 8), strict=True)  # c2, c3, c4 branches
@@ -125,7 +129,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     return hashlib.sha256(b"".join(blobs)).hexdigest()[:12]
 
 
-def onnx_graphs(model: torch.nn.Module, levels: Sequence[IsrLevel], onnx_dir: Path, name: str) -> dict[str, Path]:
+def onnx_graphs(model: torch.nn.Module, levels: Sequence[Level], onnx_dir: Path, name: str) -> dict[str, Path]:
     """One exported graph per level, cached by weights digest, opset and torch version (an export
     takes tens of seconds on 2 cores); a fresh export is parity-checked at one odd size."""
     tag = f"{weights_digest(model)}-op{DEFAULT_OPSET}-torch{torch.__version__.split('+')[0]}"
@@ -133,24 +137,24 @@ def onnx_graphs(model: torch.nn.Module, levels: Sequence[IsrLevel], onnx_dir: Pa
     for level in tqdm(levels, desc="onnx graphs", unit="level", leave=False):
         path = onnx_dir / f"{name}-{model.num_classes}c-{level.name}-{tag}.onnx"
         if not path.is_file():
-            export_onnx(model, path.with_suffix(".tmp"), level.isr, progress=False)
-            check_parity(model, path.with_suffix(".tmp"), level.isr, sizes=[(1, 200, 328)], progress=False)
+            export_onnx(model, path.with_suffix(".tmp"), level, progress=False)
+            check_parity(model, path.with_suffix(".tmp"), level, sizes=model.spec.parity_sizes[2:3], progress=False)
             path.with_suffix(".tmp").replace(path)  # only checked graphs enter the cache
         paths[level.name] = path
     return paths
 
 
-Forward = Callable[[torch.Tensor, IsrConfig], torch.Tensor]
+Forward = Callable[..., torch.Tensor]  # forward(images, **knob) -> logits
 
 
 def eager_forward(model: torch.nn.Module, variant: str) -> Forward:
-    """The eager model as a `(images, isr) -> logits` call in the given memory-format variant."""
+    """The eager model as a `(images, **knob) -> logits` call in the given memory-format variant."""
     if variant == "plain":
         return model
     # Token grids reshaped to (B, C, H, W) are channels-last views already; channels-last weights
     # spare oneDNN a reorder around every depthwise and 1x1 conv.
     net = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    return lambda images, isr: net(images.contiguous(memory_format=torch.channels_last), isr)
+    return lambda images, **knob: net(images.contiguous(memory_format=torch.channels_last), **knob)
 
 
 def eager_variant(model: torch.nn.Module, size: tuple[int, int], budget: tuple[int, float, float]) -> dict[str, float]:
@@ -159,7 +163,7 @@ def eager_variant(model: torch.nn.Module, size: tuple[int, int], budget: tuple[i
     for variant in ("plain", "channels_last"):
         forward = eager_forward(model, variant)
         with torch.inference_mode():
-            samples, _ = time_calls(lambda forward=forward: forward(images, LADDER[0].isr), *budget)
+            samples, _ = time_calls(lambda forward=forward: forward(images), *budget)
         timings[variant] = statistics.median(samples) * 1000
     return timings
 
@@ -169,7 +173,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, object]:
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     model = create_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint).eval()
-    levels = list(LADDER) if args.levels == "all" else [level_by_name(n) for n in args.levels.split(",")]
+    ladder = model.spec.ladder()
+    levels = list(ladder) if args.levels == "all" else [model.spec.level(n) for n in args.levels.split(",")]
     sizes = [tuple(int(side) for side in size.lower().split("x")) for size in args.sizes.split(",")]  # HxW
     batches = [int(b) for b in args.batches.split(",")]
     budget = (args.repeats, args.case_budget, args.long_call)
@@ -192,7 +197,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, object]:
     with tqdm(total=len(sizes) * len(levels) * len(batches) * len(backends), desc="bench", unit="case") as bar:
         for height, width in sizes:
             for level in levels:
-                gmacs = count_gmacs(model, height, width, level.isr)
+                gmacs = count_gmacs(model, height, width, **level.kwargs)
                 rates += matmul_rates(args.matmul_n, repeats=3)
                 # A session per level, dropped after it: its memory arena keeps the peak of the largest
                 # batch, and six such arenas at 1024x2048 would not fit in memory.
@@ -203,7 +208,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, object]:
                     for backend, forward in forwards.items():
                         bar.set_postfix_str(f"{backend} {level.name} {batch}x{height}x{width}")
                         case = CaseResult(backend, level.name, level.rank, batch, height, width, gmacs)
-                        _run_case(case, forward, images, level.isr, budget)
+                        _run_case(case, forward, images, level, budget)
                         results.append(case)
                         bar.update()
                 forwards.pop("onnxruntime", None)
@@ -216,15 +221,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, object]:
     return report
 
 
-def _run_case(case: CaseResult, forward: Forward, images: torch.Tensor, isr: IsrConfig,
+def _run_case(case: CaseResult, forward: Forward, images: torch.Tensor, level: Level,
               budget: tuple[int, float, float]) -> None:
-    need, free = 3 * attention_bytes(isr, case.batch, case.height, case.width), available_memory()
+    need, free = 3 * attention_bytes(level, case.batch, case.height, case.width), available_memory()
     if free is not None and need > 0.8 * free:
         case.note = f"skipped: needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
         log.warning("%s %s batch %d %dx%d %s", case.backend, case.level, case.batch, case.height, case.width, case.note)
         return
     with torch.inference_mode():
-        samples, case.note = time_calls(lambda: forward(images, isr), *budget, warmups=1 + (case.backend == "compiled"))
+        samples, case.note = time_calls(lambda: forward(images, **level.kwargs), *budget,
+                                        warmups=1 + (case.backend == "compiled"))
     seconds = statistics.median(samples)
     case.samples_s = samples
     case.ms_per_image = seconds * 1000 / case.batch
@@ -375,7 +381,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     if args.quick:
         args.sizes, args.batches, args.repeats, args.matmul_n = "256x256", "1", 1, 1024
-        args.levels = args.levels if args.levels != "all" else f"{LADDER[0].name},{LADDER[-1].name}"
+        if args.levels == "all":
+            from models.registry import get_spec
+
+            ladder = get_spec(args.model).ladder()
+            args.levels = ",".join(dict.fromkeys([ladder[0].name, ladder[-1].name]))
     report = run_bench(args)
     print(format_table(report))
     if args.json:

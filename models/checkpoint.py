@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.spec import CheckpointRules
+
 log = logging.getLogger(__name__)
 
-# mmseg's BaseDecodeHead creates `conv_seg`, which EDAFormerHead never uses; official checkpoints carry it.
-UNUSED_PREFIXES = ("decode_head.conv_seg.",)
+# mmseg's BaseDecodeHead creates `conv_seg`; heads that classify with another layer never use it, but their
+# official checkpoints carry it. Families list it in their `CheckpointRules.unused_prefixes`.
+MMSEG_CONV_SEG = "decode_head.conv_seg."
 _MAX_LISTED_KEYS = 20
 
 
@@ -31,19 +34,23 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedCheckpoint:
+    """A checkpoint file's tensors (DataParallel's `module.` stripped) and class metadata, in its own layout."""
+
     state_dict: dict[str, torch.Tensor]
     class_names: list[str] | None = None
     palette: list[list[int]] | None = None
     sha256: str = ""
     path: str = ""
-    dropped_keys: list[str] = field(default_factory=list)
 
-    @property
-    def num_classes(self) -> int:
-        weight = self.state_dict.get("decode_head.linear_pred.weight")
-        if weight is None:
-            raise CheckpointError("checkpoint has no decode_head.linear_pred.weight; is it an EDAFormer?")
-        return int(weight.shape[0])
+
+@dataclass
+class PreparedCheckpoint:
+    """A checkpoint in the model's layout: converted, unused keys dropped, the class count read."""
+
+    state_dict: dict[str, torch.Tensor]
+    num_classes: int
+    source: LoadedCheckpoint
+    dropped_keys: list[str] = field(default_factory=list)
 
 
 def file_sha256(path: Path) -> str:
@@ -103,23 +110,34 @@ def load_checkpoint_file(path: str | Path) -> LoadedCheckpoint:
         raw = obj.get("state_dict", obj)
         if not isinstance(raw, Mapping):
             raise CheckpointError(f"checkpoint {path}: 'state_dict' is a {type(raw).__name__}, not a dict")
-    state_dict, dropped = _normalize(raw)
-    return LoadedCheckpoint(state_dict, class_names, palette, file_sha256(path), str(path), dropped)
+    return LoadedCheckpoint(_tensors(raw), class_names, palette, file_sha256(path), str(path))
 
 
-def _normalize(raw: Mapping[str, object]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Strip DataParallel's `module.` prefix and drop the keys the model never uses."""
+def _tensors(raw: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """Every entry must be a tensor; DataParallel's `module.` prefix is stripped."""
     state_dict: dict[str, torch.Tensor] = {}
-    dropped: list[str] = []
     for key, value in raw.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
-        name = key[len("module.") :] if key.startswith("module.") else key
-        if name.startswith(UNUSED_PREFIXES):
-            dropped.append(name)
-            continue
-        state_dict[name] = value
-    return state_dict, dropped
+        state_dict[key[len("module.") :] if key.startswith("module.") else key] = value
+    return state_dict
+
+
+def prepare_state_dict(loaded: LoadedCheckpoint, rules: CheckpointRules) -> PreparedCheckpoint:
+    """Bring a loaded checkpoint into the model's layout: convert, drop unused keys, read the class count."""
+    state_dict = dict(loaded.state_dict)
+    if rules.convert is not None:
+        try:
+            state_dict = rules.convert(state_dict)
+        except ValueError as exc:  # a layout the converter recognizes and refuses
+            raise CheckpointError(f"checkpoint {loaded.path}: {exc}") from exc
+    dropped = sorted(key for key in state_dict if key.startswith(rules.unused_prefixes))
+    for key in dropped:
+        del state_dict[key]
+    classifier = state_dict.get(rules.classifier_key)
+    if classifier is None:
+        raise CheckpointError(f"checkpoint {loaded.path} has no {rules.classifier_key}; is it for this model family?")
+    return PreparedCheckpoint(state_dict, int(classifier.shape[0]), loaded, dropped)
 
 
 def _listing(keys: list[str]) -> str:
@@ -128,15 +146,17 @@ def _listing(keys: list[str]) -> str:
     return shown + (f" (+{more} more)" if more > 0 else "")
 
 
-def apply_state_dict(model: nn.Module, loaded: LoadedCheckpoint) -> None:
+def apply_state_dict(model: nn.Module, prepared: PreparedCheckpoint) -> None:
     """Load strictly; on any mismatch raise one error naming every problem."""
+    loaded = prepared.source
+    loaded_state = prepared.state_dict
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(loaded.state_dict))
-    unexpected = sorted(set(loaded.state_dict) - set(expected))
+    missing = sorted(set(expected) - set(loaded_state))
+    unexpected = sorted(set(loaded_state) - set(expected))
     mis_shaped = sorted(
-        f"{k} {tuple(loaded.state_dict[k].shape)} != model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(loaded.state_dict)
-        if loaded.state_dict[k].shape != expected[k].shape
+        f"{k} {tuple(loaded_state[k].shape)} != model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(loaded_state)
+        if loaded_state[k].shape != expected[k].shape
     )
     problems = []
     if missing:
@@ -147,7 +167,7 @@ def apply_state_dict(model: nn.Module, loaded: LoadedCheckpoint) -> None:
         problems.append(f"mis-shaped keys ({len(mis_shaped)}): {_listing(mis_shaped)}")
     if problems:
         raise CheckpointError(f"checkpoint {loaded.path} does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(loaded.state_dict, strict=True)
+    model.load_state_dict(loaded_state, strict=True)
     meta = getattr(model, "meta", None)
     if meta is not None:
         meta.weights = "checkpoint"
@@ -164,12 +184,14 @@ def apply_state_dict(model: nn.Module, loaded: LoadedCheckpoint) -> None:
 
 
 def official_checkpoint(model: nn.Module, class_names: list[str], palette: list[list[int]]) -> dict:
-    """The model's weights in the official mmseg layout (with the unused conv_seg and meta).
+    """The model's weights in the official mmseg layout (with the unused `conv_seg`, if any, and meta).
 
     Useful to hand weights to mmseg tooling, and for tests that need a file shaped like the official ones.
     """
+    rules: CheckpointRules = model.spec.checkpoint
     state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    num_classes = state_dict["decode_head.linear_pred.weight"].shape[0]
-    state_dict["decode_head.conv_seg.weight"] = torch.zeros(num_classes, 128, 1, 1)
-    state_dict["decode_head.conv_seg.bias"] = torch.zeros(num_classes)
+    num_classes = state_dict[rules.classifier_key].shape[0]
+    if MMSEG_CONV_SEG in rules.unused_prefixes and rules.unused_in_channels:
+        state_dict[MMSEG_CONV_SEG + "weight"] = torch.zeros(num_classes, rules.unused_in_channels, 1, 1)
+        state_dict[MMSEG_CONV_SEG + "bias"] = torch.zeros(num_classes)
     return {"meta": {"CLASSES": tuple(class_names), "PALETTE": palette}, "state_dict": state_dict}

@@ -37,6 +37,10 @@ class DatasetInfo:
     align_to: int | None = 32
     slide_crop: tuple[int, int] | None = None
     slide_stride: tuple[int, int] | None = None
+    # Input normalization on the 0-255 RGB scale; ImageNet's unless a family's pipeline says otherwise
+    # (Segmenter/DoViT: mean = std = 127.5).
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
     def __post_init__(self) -> None:
         if len(self.class_names) != len(self.palette):

@@ -7,15 +7,16 @@ argument of `forward`, never module state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.isr import IsrConfig
+from models.base import ModelMeta, SegmentationModel
+from models.checkpoint import MMSEG_CONV_SEG
+from models.isr import EDAFORMER_ISR, IsrConfig
 from models.layers import EmbeddingFreeAttention, MixFFN, OverlapPatchEmbed
 from models.registry import register_model
+from models.spec import CheckpointRules, ModelSpec
 
 
 class EftBlock(nn.Module):
@@ -140,35 +141,19 @@ class EdaFormerHead(nn.Module):
         return self.linear_pred(fused)  # B, K, H/8, W/8 (Dropout2d is identity at inference)
 
 
-@dataclass
-class ModelMeta:
-    """What a served model is: its name, classes and where its weights came from."""
-
-    name: str
-    num_classes: int
-    dataset: str | None = None
-    class_names: list[str] = field(default_factory=list)
-    palette: list[list[int]] = field(default_factory=list)
-    weights: str = "random"  # "random" or "checkpoint"
-    checkpoint_sha256: str | None = None
-
-
-class EdaFormer(nn.Module):
+class EdaFormer(SegmentationModel):
     """EDAFormer: `logits = model(images, isr=IsrConfig(...))`.
 
     images: normalized float (B, 3, H, W). logits: (B, num_classes, ceil(H/8), ceil(W/8)), the decode
     head's output before any resize.
     """
 
-    def __init__(self, backbone: EftEncoder, decode_head: EdaFormerHead, meta: ModelMeta) -> None:
+    def __init__(self, backbone: EftEncoder, decode_head: EdaFormerHead, meta: ModelMeta, spec: ModelSpec) -> None:
         super().__init__()
         self.backbone = backbone
         self.decode_head = decode_head
         self.meta = meta
-
-    @property
-    def num_classes(self) -> int:
-        return self.decode_head.linear_pred.out_channels
+        self.spec = spec
 
     def forward(self, images: torch.Tensor, isr: IsrConfig | None = None) -> torch.Tensor:
         isr = isr or IsrConfig()
@@ -183,22 +168,37 @@ class EdaFormer(nn.Module):
         return self
 
 
+def _spec(name: str, miou: dict[str, float], gmacs_512: float, description: str) -> ModelSpec:
+    return ModelSpec(
+        name=name, family="edaformer", output_stride=8, knob=EDAFORMER_ISR,
+        # mmseg's BaseDecodeHead creates `conv_seg` (128 input channels), which EDAFormerHead never uses.
+        checkpoint=CheckpointRules("decode_head.linear_pred.weight", (MMSEG_CONV_SEG,), unused_in_channels=128),
+        published_miou=miou, reference_gmacs_512=gmacs_512, description=description,
+    )
+
+
+# ADE20K single-scale mIoU as believed in specs/edaformer.md section 4 (not confirmed against the paper's
+# tables): a prior for the planner, never an acceptance target.
+EDAFORMER_T = _spec("edaformer-t", {"ade20k": 42.3}, 5.59,
+                    "EDAFormer-T: EFT-T encoder (dims 32-256, depths 2-2-10-2, MLP 3.8), decoder embed 128, MLP 2")
+EDAFORMER_B = _spec("edaformer-b", {"ade20k": 49.0}, 31.82,
+                    "EDAFormer-B: EFT-B encoder (dims 64-512, depths 3-3-22-3, MLP 4), decoder embed 768, MLP 1")
+
+
 def _build(
-    name: str, num_classes: int, dims: tuple[int, int, int, int], depths: tuple[int, int, int, int],
+    spec: ModelSpec, num_classes: int, dims: tuple[int, int, int, int], depths: tuple[int, int, int, int],
     encoder_mlp_ratio: float, decoder_embed_dim: int, decoder_mlp_ratio: float, fused: bool,
 ) -> EdaFormer:
     backbone = EftEncoder(dims, depths, num_heads=(1, 2, 4, 8), mlp_ratio=encoder_mlp_ratio, fused=fused)
     head = EdaFormerHead(dims[1:], decoder_embed_dim, decoder_mlp_ratio, num_classes, fused=fused)
-    return EdaFormer(backbone, head, ModelMeta(name=name, num_classes=num_classes))
+    return EdaFormer(backbone, head, ModelMeta(name=spec.name, num_classes=num_classes), spec)
 
 
-@register_model("edaformer-t")
+@register_model(EDAFORMER_T)
 def edaformer_t(num_classes: int = 150, fused_attention: bool = True) -> EdaFormer:
-    """EDAFormer-T: EFT-T encoder (dims 32-256, depths 2-2-10-2, MLP 3.8), decoder embed 128, MLP 2."""
-    return _build("edaformer-t", num_classes, (32, 64, 128, 256), (2, 2, 10, 2), 3.8, 128, 2.0, fused_attention)
+    return _build(EDAFORMER_T, num_classes, (32, 64, 128, 256), (2, 2, 10, 2), 3.8, 128, 2.0, fused_attention)
 
 
-@register_model("edaformer-b")
+@register_model(EDAFORMER_B)
 def edaformer_b(num_classes: int = 150, fused_attention: bool = True) -> EdaFormer:
-    """EDAFormer-B: EFT-B encoder (dims 64-512, depths 3-3-22-3, MLP 4), decoder embed 768, MLP 1."""
-    return _build("edaformer-b", num_classes, (64, 128, 256, 512), (3, 3, 22, 3), 4.0, 768, 1.0, fused_attention)
+    return _build(EDAFORMER_B, num_classes, (64, 128, 256, 512), (3, 3, 22, 3), 4.0, 768, 1.0, fused_attention)

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+
+from models.spec import Knob, Level
 
 ENCODER_BASE_POOL = (8, 4, 2, 1)
 DECODER_BASE_POOL = (4, 2, 1)  # stage-2, stage-3, stage-4 branches
@@ -82,33 +85,56 @@ class IsrConfig:
         return True
 
 
-@dataclass(frozen=True)
-class IsrLevel:
-    """A named compute level of the ladder. `rank` 0 is full compute; larger is cheaper."""
+class IsrKnob(Knob):
+    """The ISR knob (`isr=IsrConfig(...)`): EDAFormer pools encoder and decoder, SegFormer the encoder only.
 
-    name: str
-    isr: IsrConfig
-    rank: int
+    Args:
+        ladder: ISR codes, best first; the first must be the training setting.
+        fits: whether an input (height, width) leaves key/value tokens everywhere at a setting; each
+            family pools at different places, so it says.
+        encoder_only: SegFormer's all-MLP head has no attention: levels are named by the encoder ratios
+            alone ('2211') and the decoder ratios must stay 1.
+    """
 
+    def __init__(self, ladder: Sequence[str], fits: Callable[[IsrConfig, int, int], bool], *,
+                 encoder_only: bool = False) -> None:
+        self.encoder_only = encoder_only
+        self._fits = fits
+        values = [self.parse(code) for code in ladder]
+        super().__init__("isr", values[0], values)
 
-def _level(rank: int, code: str) -> IsrLevel:
-    isr = IsrConfig.parse(code)
-    return IsrLevel(name=code.replace("/", "-"), isr=isr, rank=rank)
+    def parse(self, text: str) -> IsrConfig:
+        text = text.strip()
+        if self.encoder_only and re.fullmatch(r"[\d,]+", text):
+            text = f"{text}/111"
+        isr = IsrConfig.parse(text)
+        if self.encoder_only and isr.decoder != (1, 1, 1):
+            raise ValueError(f"ISR {text!r}: this model has no decoder attention, so its decoder ratios stay 111")
+        return isr
+
+    def code(self, value: Hashable) -> str:
+        assert isinstance(value, IsrConfig)
+        return "".join(map(str, value.encoder)) if self.encoder_only else value.code
+
+    def level_name(self, value: Hashable) -> str:
+        return self.code(value).replace("/", "-")
+
+    def fits(self, value: Hashable, height: int, width: int) -> bool:
+        assert isinstance(value, IsrConfig)
+        return self._fits(value, height, width)
 
 
 # Ordered from full compute to the cheapest useful setting. Every step lowers GMACs for EDAFormer-T
 # and -B at 512x512 and 1024x2048 (see docs/benchmarks.md); stage-4 encoder pooling (2222) is the last
 # step because it saves little and touches the coarsest, most semantic tokens.
-LADDER: tuple[IsrLevel, ...] = tuple(
-    _level(rank, code)
-    for rank, code in enumerate(["1111/111", "2111/111", "2211/111", "2211/222", "2221/222", "2222/222"])
+EDAFORMER_ISR = IsrKnob(
+    ["1111/111", "2111/111", "2211/111", "2211/222", "2221/222", "2222/222"],
+    fits=lambda isr, height, width: isr.fits(height, width),
 )
+LADDER: tuple[Level, ...] = EDAFORMER_ISR.ladder()
+IsrLevel = Level  # the name wave 1 used for an EDAFormer ladder level
 
 
-def level_by_name(name: str, ladder: tuple[IsrLevel, ...] = LADDER) -> IsrLevel:
-    """Look a level up by name ('2211-222') or by its ISR code ('2211/222')."""
-    wanted = name.strip().replace("/", "-")
-    for level in ladder:
-        if level.name == wanted:
-            return level
-    raise KeyError(f"unknown ISR level {name!r}; known: {', '.join(level.name for level in ladder)}")
+def level_by_name(name: str, ladder: tuple[Level, ...] = LADDER) -> Level:
+    """Look an EDAFormer level up by name ('2211-222') or by its ISR code ('2211/222')."""
+    return EDAFORMER_ISR.lookup(name, ladder)

@@ -1,10 +1,11 @@
-"""ONNX Runtime runner with the torch model's call shape: `logits = runner(images, isr)`.
+"""ONNX Runtime runner with the torch model's call shape: `logits = runner(images, **knob)`.
 
-Each ONNX file from `models.export` has one ISR setting baked in (read back from its metadata), so the
-runner holds one InferenceSession per ISR and refuses an ISR it has no graph for:
+Each ONNX file from `models.export` holds one level of its model's knob baked in (read back from its
+metadata), or takes the knob as a runtime input (DoViT's threshold: one file for every value). The runner
+holds one InferenceSession per file and refuses a level it has no graph for:
 
-    runner = OnnxRunner({IsrConfig(): "t_full.onnx", IsrConfig.parse("2222/222"): "t_2222.onnx"})
-    logits = runner(images, IsrConfig.parse("2222/222"))
+    runner = OnnxRunner([t_full_path, t_2222_path])
+    logits = runner(images, isr=IsrConfig.parse("2222/222"))
 
 ORT's `InferenceSession.run` is thread-safe and the runner keeps no other mutable state, so one runner
 serves concurrent requests, as the torch model does.
@@ -14,26 +15,37 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from models.export import INPUT_NAME, META_ISR, META_MODEL, META_NUM_CLASSES, read_metadata
-from models.isr import IsrConfig
+from models.export import (
+    INPUT_NAME,
+    KNOB_INPUT_NAME,
+    META_LEVEL,
+    META_MODEL,
+    META_NUM_CLASSES,
+    META_RUNTIME_KNOB,
+    STATS_PREFIX,
+    read_metadata,
+)
+from models.spec import Level, ModelSpec
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 _ALIASES = {"cpu": CPU, "cuda": CUDA, "gpu": CUDA}
+_RUNTIME = object()  # session key of a graph whose knob is an input
 
 
-class MissingIsrGraphError(LookupError):
-    """The runner has no ONNX graph for the requested ISR setting."""
+class MissingLevelGraphError(LookupError):
+    """The runner has no ONNX graph for the requested level."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +53,8 @@ class GraphInfo:
     """What one ONNX file says about itself (from `metadata_props`)."""
 
     path: Path
-    isr: IsrConfig
-    model_name: str | None
+    model_name: str
+    level: Level | None  # None for a graph whose knob is a runtime input
     num_classes: int | None
 
 
@@ -80,84 +92,96 @@ def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-def read_graph_info(path: str | Path, isr: IsrConfig | None = None) -> GraphInfo:
-    """Metadata of an exported file; `isr` is required only for files without segserve metadata, and
-    must agree with the file's when both exist (a mismatch would serve the wrong ISR silently)."""
+def _spec(model_name: str) -> ModelSpec:
+    from models.registry import get_spec
+
+    return get_spec(model_name)
+
+
+def read_graph_info(path: str | Path) -> GraphInfo:
+    """Metadata of a file written by `models.export.export_onnx`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX file at {path}")
     meta = read_metadata(path)
-    stored = IsrConfig.parse(meta[META_ISR]) if META_ISR in meta else None
-    if stored is not None and isr is not None and stored != isr:
-        raise ValueError(f"{path} was exported with ISR {stored.code}, not {isr.code}")
-    if stored is None and isr is None:
-        raise ValueError(f"{path} has no {META_ISR} metadata; pass the ISR it was exported with")
+    if META_MODEL not in meta:
+        raise ValueError(f"{path} has no segserve metadata; export it with `segserve export-onnx`")
+    spec = _spec(meta[META_MODEL])
+    level = None if meta.get(META_RUNTIME_KNOB) else spec.level(meta.get(META_LEVEL, "base"))
     num_classes = meta.get(META_NUM_CLASSES)
-    return GraphInfo(
-        path=path, isr=stored or isr,  # type: ignore[arg-type]  (one of them is set, checked above)
-        model_name=meta.get(META_MODEL), num_classes=int(num_classes) if num_classes else None,
-    )
+    return GraphInfo(path, spec.name, level, int(num_classes) if num_classes else None)
 
 
 class OnnxRunner:
-    """`runner(images, isr) -> logits` over one ONNX graph per ISR setting.
+    """`runner(images, **knob) -> logits` over one ONNX graph per level (or one with the knob as an input).
 
     Args:
-        graphs: a single ONNX path, or `{IsrConfig: path}` for several settings.
-        isr: with a single path, the ISR it holds (default: read from the file's metadata).
+        graphs: ONNX paths written by `models.export.export_onnx`, all of one model.
         providers: 'cpu', 'cuda' or ORT provider names; CUDA is used when requested and available.
         intra_op_threads: ORT intra-op threads (default: all cores).
     """
 
     def __init__(
         self,
-        graphs: str | Path | Mapping[IsrConfig, str | Path],
-        isr: IsrConfig | None = None,
+        graphs: str | Path | Iterable[str | Path],
         *,
         providers: str | Sequence[str] | None = None,
         intra_op_threads: int | None = None,
     ) -> None:
-        if isinstance(graphs, Mapping):
-            if isr is not None:
-                raise TypeError("pass isr only with a single path; a mapping already names each graph's ISR")
-            infos = [read_graph_info(path, key) for key, path in graphs.items()]
-        else:
-            infos = [read_graph_info(graphs, isr)]
+        paths = [graphs] if isinstance(graphs, (str, Path)) else list(graphs)
+        infos = [read_graph_info(path) for path in paths]
         if not infos:
             raise ValueError("OnnxRunner needs at least one ONNX graph")
-        names = {i.model_name for i in infos if i.model_name}
+        names = {i.model_name for i in infos}
         classes = {i.num_classes for i in infos if i.num_classes}
         if len(names) > 1 or len(classes) > 1:
             raise ValueError(f"graphs come from different models: {sorted(names)} / {sorted(classes)} classes")
+        self.model_name: str = infos[0].model_name
+        self.num_classes: int | None = next(iter(classes), None)
+        self.spec = _spec(self.model_name)
         self.providers = resolve_providers(providers)
         options = session_options(intra_op_threads)
-        self._infos = {info.isr: info for info in infos}
-        self._sessions = {
-            info.isr: ort.InferenceSession(str(info.path), options, providers=self.providers) for info in infos
-        }
-        self.model_name: str | None = next(iter(names), None)
-        self.num_classes: int | None = next(iter(classes), None)
-        log.info("ONNX runner for %s: ISR %s on %s", self.model_name,
-                 ", ".join(i.code for i in self._sessions), self.providers[0])
+        self._sessions: dict[Hashable, ort.InferenceSession] = {}
+        self._levels: list[Level] = []
+        for info in infos:
+            key = _RUNTIME if info.level is None else info.level.value
+            self._sessions[key] = ort.InferenceSession(str(info.path), options, providers=self.providers)
+            if info.level is not None:
+                self._levels.append(info.level)
+        log.info("ONNX runner for %s: %s on %s", self.model_name,
+                 ", ".join(lv.name for lv in self._levels) or "knob as input", self.providers[0])
 
     @property
-    def isr_configs(self) -> list[IsrConfig]:
-        """The ISR settings this runner has graphs for."""
-        return list(self._sessions)
+    def levels(self) -> list[Level]:
+        """The baked-in levels this runner has graphs for (empty when the knob is a runtime input)."""
+        return list(self._levels)
 
-    def info(self, isr: IsrConfig) -> GraphInfo:
-        return self._infos[self._key(isr)]
+    def _session(self, knob: dict[str, Any]) -> tuple[ort.InferenceSession, dict[str, np.ndarray]]:
+        spec_knob = self.spec.knob
+        value = knob.get(spec_knob.name, spec_knob.training) if spec_knob is not None else None
+        extra = set(knob) - ({spec_knob.name} if spec_knob is not None else set())
+        if extra:
+            raise TypeError(f"{self.model_name} takes no knob {', '.join(sorted(extra))}")
+        if _RUNTIME in self._sessions:
+            number = np.asarray(float(value.item() if isinstance(value, torch.Tensor) else value), np.float32)
+            return self._sessions[_RUNTIME], {KNOB_INPUT_NAME: number}
+        if value not in self._sessions:
+            have = ", ".join(level.name for level in self._levels)
+            wanted = spec_knob.level_name(value) if spec_knob is not None else "base"
+            raise MissingLevelGraphError(f"no ONNX graph for level {wanted}; this runner has: {have}")
+        return self._sessions[value], {}
 
-    def _key(self, isr: IsrConfig | None) -> IsrConfig:
-        isr = isr or IsrConfig()
-        if isr not in self._sessions:
-            have = ", ".join(i.code for i in self._sessions)
-            raise MissingIsrGraphError(f"no ONNX graph for ISR {isr.code}; this runner has: {have}")
-        return isr
-
-    def __call__(self, images: torch.Tensor, isr: IsrConfig | None = None) -> torch.Tensor:
-        """images: normalized float (B, 3, H, W) -> logits (B, K, ceil(H/8), ceil(W/8)), on images' device."""
-        session = self._sessions[self._key(isr)]
+    def forward_with_stats(self, images: torch.Tensor, **knob: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """images: normalized float (B, 3, H, W) -> (logits, per-image statistics), on images' device."""
+        session, extra = self._session(knob)
         pixels = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())
-        (logits,) = session.run(None, {INPUT_NAME: pixels})
-        return torch.from_numpy(logits).to(images.device)
+        names = [output.name for output in session.get_outputs()]
+        outputs = session.run(None, {INPUT_NAME: pixels, **extra})
+        logits = torch.from_numpy(outputs[0]).to(images.device)
+        stats = {name[len(STATS_PREFIX):]: torch.from_numpy(value) for name, value in zip(names[1:], outputs[1:],
+                                                                                           strict=True)}
+        return logits, stats
+
+    def __call__(self, images: torch.Tensor, **knob: Any) -> torch.Tensor:
+        """images: normalized float (B, 3, H, W) -> logits (B, K, h, w), on images' device."""
+        return self.forward_with_stats(images, **knob)[0]

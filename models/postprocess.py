@@ -31,6 +31,7 @@ where the reference's top two logits are within rounding error (~1e-6) of each o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -375,3 +376,12 @@ def labels_from_logits(logits: torch.Tensor, input_size: tuple[int, int], origin
         if not _fast_labels(flat, h, w, ay, ax, out[b]):
             out[b] = reference_labels(logits[b : b + 1], input_size, original_size)[0]
     return out
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """RGB uint8 (H, W, 3) blended with the class colours of `labels` (H, W): (1 - alpha) * image + alpha * colour."""
+    if image.shape[:2] != labels.shape:
+        raise ValueError(f"image {image.shape[:2]} and mask {labels.shape} differ in size")
+    colors = np.asarray(palette, dtype=np.float32)[labels]
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colors
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)

@@ -67,7 +67,7 @@ def direct_prediction(model: torch.nn.Module, jpeg: bytes, level) -> np.ndarray:
     rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))  # decoded as the server decodes it
     scale = tuple(int(side) for side in FAST_SETTINGS["SEGSERVE_RESIZE_SCALE"].split("x"))
     dataset = dataclasses.replace(dataset_for("ade20k"), resize_scale=scale)
-    return Predictor(model, dataset).predict(rgb, level.isr).labels
+    return Predictor(model, dataset).predict(rgb, level).labels
 
 
 @pytest.mark.parametrize(("height", "width"), [(120, 160), (97, 203)])

@@ -18,7 +18,7 @@ from PIL import Image
 from models.bench import MD_END, MD_HEADING, MD_START, update_markdown
 from models.cli import main
 from models.datasets import dataset_for
-from models.export import META_ISR, read_metadata
+from models.export import META_LEVEL, read_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,8 @@ def test_predict_png_writes_a_label_map_of_the_image_size(images: dict[str, Path
     out = tmp_path / "mask.png"
     done = run_cli("predict", str(images["png"]), "--model", "edaformer-t", "--level", "2222-222", "-o", str(out))
     assert done.returncode == 0, done.stderr
-    assert "ISR 2222/222" in done.stdout
+    assert "level 2222-222" in done.stdout
+    assert "RANDOM weights" in done.stderr  # no checkpoint: said plainly
     mask = Image.open(out)
     assert mask.mode == "L"
     assert mask.size == (101, 75)
@@ -67,7 +68,8 @@ def test_predict_jpeg_color_writes_the_dataset_palette(images: dict[str, Path], 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--isr", "12/3", "ISR needs 4 encoder and 3 decoder ratios"),
-    ("--level", "fastest", "unknown ISR level 'fastest'"),
+    ("--level", "fastest", "unknown isr level 'fastest'"),
+    ("--level", "s12", "unknown isr level 's12'"),
 ])
 def test_predict_reports_bad_isr_without_traceback(images: dict[str, Path], tmp_path: Path,
                                                    flag: str, value: str, message: str) -> None:
@@ -84,19 +86,39 @@ def test_export_onnx_end_to_end(images: dict[str, Path], tmp_path: Path) -> None
     done = run_cli("export-onnx", "--model", "edaformer-t", "--level", "2211-222", "-o", str(out),
                    "--parity-sizes", "1x96x160,1x100x164,2x64x96")
     assert done.returncode == 0, done.stderr
-    assert read_metadata(out)[META_ISR] == "2211/222"
+    assert read_metadata(out)[META_LEVEL] == "2211-222"
     lines = [line for line in done.stdout.splitlines() if line.strip().startswith("batch ")]
     assert [line.split(":")[0].strip() for line in lines] == ["batch 1 96x160", "batch 1 100x164", "batch 2 64x96"]
     assert all(float(line.split(":")[1]) <= 1e-4 for line in lines)
 
-    # The exported graph serves `predict --onnx` through the same Predictor (ISR read from the file).
+    # The exported graph serves `predict --onnx` through the same Predictor (level read from the file).
     mask = tmp_path / "mask.png"
     done = run_cli("predict", str(image), "--onnx", str(out), "-o", str(mask))
     assert done.returncode == 0, done.stderr
-    assert "ISR 2211/222" in done.stdout
+    assert "level 2211-222" in done.stdout
     assert Image.open(mask).size == (101, 75) and np.asarray(Image.open(mask)).max() < 150
     done = run_cli("predict", str(image), "--onnx", str(out), "--isr", "2222/222", "-o", str(mask))
-    assert done.returncode == 2 and "exported with ISR 2211/222, not 2222/222" in done.stderr
+    assert done.returncode == 2 and "exported at level 2211-222, not 2222-222" in done.stderr
+
+
+def test_predict_is_seeded_without_a_checkpoint(images: dict[str, Path], tmp_path: Path) -> None:
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    for out in (first, second):
+        done = run_cli("predict", str(images["png"]), "-o", str(out))
+        assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(second)))
+
+
+def test_predict_overlay_blends_the_image_with_class_colours(images: dict[str, Path], tmp_path: Path) -> None:
+    mask, blended = tmp_path / "mask.png", tmp_path / "overlay.png"
+    assert run_cli("predict", str(images["png"]), "-o", str(mask)).returncode == 0
+    done = run_cli("predict", str(images["png"]), "--overlay", "-o", str(blended))
+    assert done.returncode == 0, done.stderr
+    labels = np.asarray(Image.open(mask)).astype(np.int64)
+    pixels = np.asarray(Image.open(images["png"]).convert("RGB")).astype(np.float64)
+    palette = np.asarray(dataset_for("ade20k").palette, dtype=np.float64)
+    expected = np.clip(0.5 * pixels + 0.5 * palette[labels] + 0.5, 0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(Image.open(blended)), expected)
 
 
 @pytest.mark.slow

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models import CheckpointError, IsrConfig, create_model, load_checkpoint_file
-from models.checkpoint import official_checkpoint
+from models import CheckpointError, IsrConfig, create_model, get_spec, load_checkpoint_file
+from models.checkpoint import official_checkpoint, prepare_state_dict
 from models.datasets import DATASETS
 from models.predict import Predictor
 from tests.unit.reference_edaformer import randomize_
@@ -57,8 +57,8 @@ def _assert_same_predictions(loaded, model, images, rgb_image):
     with torch.inference_mode():
         for isr in (IsrConfig(), ISR):
             assert torch.equal(loaded(images, isr=isr), model(images, isr=isr))
-    expected = Predictor(model, SMALL_PIPELINE).predict(rgb_image, ISR)
-    got = Predictor(loaded, SMALL_PIPELINE).predict(rgb_image, ISR)
+    expected = Predictor(model, SMALL_PIPELINE).predict(rgb_image, isr=ISR)
+    got = Predictor(loaded, SMALL_PIPELINE).predict(rgb_image, isr=ISR)
     assert expected.labels.shape == (60, 90)
     assert np.array_equal(got.labels, expected.labels)
 
@@ -117,9 +117,12 @@ def test_load_checkpoint_file_reads_meta(tmp_path, model):
     path = tmp_path / "ckpt.pth"
     torch.save(_official(model), path)
     loaded = load_checkpoint_file(path)
-    assert loaded.num_classes == NUM_CLASSES
     assert loaded.class_names == CUSTOM_NAMES
-    assert "decode_head.conv_seg.weight" not in loaded.state_dict
+    assert "decode_head.conv_seg.weight" in loaded.state_dict  # the file as it is
+    prepared = prepare_state_dict(loaded, get_spec("edaformer-t").checkpoint)
+    assert prepared.num_classes == NUM_CLASSES
+    assert prepared.dropped_keys == ["decode_head.conv_seg.bias", "decode_head.conv_seg.weight"]
+    assert "decode_head.conv_seg.weight" not in prepared.state_dict
 
 
 # --- strictness ------------------------------------------------------------------------------------------

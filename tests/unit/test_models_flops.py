@@ -51,7 +51,7 @@ def _model(variant: str, num_classes: int) -> torch.nn.Module:
 
 @cache
 def _gmacs(variant: str, height: int, width: int, num_classes: int, code: str) -> float:
-    return count_gmacs(_model(variant, num_classes), height, width, IsrConfig.parse(code))
+    return count_gmacs(_model(variant, num_classes), height, width, isr=IsrConfig.parse(code))
 
 
 @pytest.mark.parametrize(
@@ -83,6 +83,6 @@ def test_ladder_gmacs_strictly_decrease(variant, height, width, num_classes):
 def test_count_does_not_touch_the_model():
     model = create_model("edaformer-t", num_classes=19)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    count_gmacs(model, 64, 64, IsrConfig())
+    count_gmacs(model, 64, 64, isr=IsrConfig())
     assert all(v.device.type == "cpu" for v in model.state_dict().values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -144,11 +144,11 @@ def test_slide_inference_on_a_non_square_image(model_19, image_size, code):
 
     seen = []
 
-    def run(images, isr_arg):
-        seen.append((tuple(images.shape), isr_arg))
-        return model_19(images, isr_arg)
+    def run(images, isr):
+        seen.append((tuple(images.shape), isr))
+        return model_19(images, isr=isr)
 
-    prediction = Predictor(run, SMALL_SLIDE).predict(image, isr)
+    prediction = Predictor(run, SMALL_SLIDE).predict(image, isr=isr)
     assert prediction.input_size == (160, 300)
     assert prediction.labels.shape == image_size
     assert seen == [((1, 3, 128, 128), isr)] * len(SLIDE_WINDOWS_160x300)  # one call per window, with the ISR
@@ -158,7 +158,7 @@ def test_slide_inference_on_a_non_square_image(model_19, image_size, code):
 
     # The averaged logits themselves (labels alone would not see a missing division by the window count).
     with torch.inference_mode():
-        logits = slide_logits(model_19, preprocess(image, (160, 300)), isr, (128, 128), (96, 96))
+        logits = slide_logits(model_19, preprocess(image, (160, 300)), (128, 128), (96, 96), isr=isr)
     assert logits.shape == (1, 19, 160, 300)
     assert torch.allclose(logits, expected_logits, rtol=0, atol=1e-6 * float(expected_logits.abs().max()))
 
@@ -171,13 +171,13 @@ def test_whole_image_inference_with_aligned_resize():
     pipeline = dataclasses.replace(DATASETS["ade20k"], resize_scale=(256, 128))
     image = np.random.default_rng(2).integers(0, 256, size=(50, 77, 3), dtype=np.uint8)
     isr = IsrConfig.parse("2211/222")
-    prediction = Predictor(model, pipeline).predict(image, isr)
+    prediction = Predictor(model, pipeline).predict(image, isr=isr)
     assert prediction.input_size == (128, 224)
     assert prediction.labels.shape == (50, 77)
 
     x = _normalize(cv2.resize(image, (224, 128), interpolation=cv2.INTER_LINEAR))
     with torch.inference_mode():
-        logits = model(x, isr)
+        logits = model(x, isr=isr)
     assert logits.shape == (1, 150, 16, 28)
     expected = _bilinear(_bilinear(logits, (128, 224)), (50, 77)).argmax(dim=1)[0].numpy()
     assert np.array_equal(prediction.labels, expected)

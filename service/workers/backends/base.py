@@ -44,7 +44,8 @@ class Backend(ABC):
         start = time.perf_counter()
         with torch.inference_mode():
             if self.dataset.test_mode == "slide" and self.dataset.slide_crop and self.dataset.slide_stride:
-                logits = slide_logits(self.logits, images, isr, self.dataset.slide_crop, self.dataset.slide_stride)
+                crop, stride = self.dataset.slide_crop, self.dataset.slide_stride
+                logits = slide_logits(self.logits, images, crop, stride, isr=isr)
             else:
                 logits = self.logits(images, isr)
             forward_done = time.perf_counter()

@@ -29,7 +29,7 @@ def export_levels(model: torch.nn.Module, levels: Sequence[IsrLevel], cache_dir:
         if not path.exists():
             log.info("exporting %s at level %s to %s", model.meta.name, level.name, path)
             tmp = path.with_suffix(".tmp.onnx")
-            export_onnx(model, tmp, level.isr)
+            export_onnx(model, tmp, level)
             tmp.replace(path)
         paths[level.isr] = path
     return paths
@@ -43,7 +43,7 @@ class OnnxBackend(Backend):
 
         super().__init__(dataset)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else None
-        self.runner = OnnxRunner(paths, providers=providers, intra_op_threads=threads)
+        self.runner = OnnxRunner(list(paths.values()), providers=providers, intra_op_threads=threads)
 
     def logits(self, images: torch.Tensor, isr: IsrConfig) -> torch.Tensor:
-        return self.runner(images, isr)
+        return self.runner(images, isr=isr)

@@ -1,0 +1,1 @@
+"""dovit: placeholder, being written (registers no variant yet)."""

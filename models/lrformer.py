@@ -1,0 +1,1 @@
+"""lrformer: placeholder, being written (registers no variant yet)."""

@@ -1,0 +1,1 @@
+"""seaformer: placeholder, being written (registers no variant yet)."""

@@ -1,0 +1,1 @@
+"""segformer: placeholder, being written (registers no variant yet)."""
