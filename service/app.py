@@ -50,8 +50,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app = FastAPI(
         title="segserve",
         version=__version__,
-        description="Semantic segmentation with a per-request latency budget: the server picks the EDAFormer "
-        "Inference-Spatial-Reduction level that fits each request's budget under the current load.",
+        description="Semantic segmentation with a per-request latency budget: for each request the server picks the "
+        "operating point (model x compute knob x input scale) with the best quality that meets the budget under the "
+        "current load.",
         lifespan=lifespan,
     )
     app.include_router(router)
@@ -79,7 +80,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         rt: Runtime | None = getattr(request.app.state, "runtime", None)
         if rt is not None:
             path = getattr(route, "path", "unmatched")
-            rt.metrics.requests.labels(path, str(response.status_code), rt.model_name).inc()
+            # The model that answered (from the receipt), else the one asked for; "" for a pool request no model
+            # answered (a refusal or a bad input).
+            model = response.headers.get("x-segserve-model") or request.path_params.get("model", "")
+            rt.metrics.requests.labels(path, str(response.status_code), model).inc()
         return response
 
     return app

@@ -16,13 +16,19 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--grpc-port", type=int, help="also serve gRPC on this port")
-    serve.add_argument("--model", help="registered model name (default edaformer-t)")
-    serve.add_argument("--checkpoint", help="official .pth or .safetensors; default: random weights")
-    serve.add_argument("--dataset", choices=["ade20k", "cityscapes", "coco-stuff"])
+    serve.add_argument("--config", help="model repository file (TOML or YAML): several models at once")
+    serve.add_argument("--model", dest="models", action="append", metavar="NAME[:CHECKPOINT]",
+                       help="serve this model (repeatable; default: edaformer-t with its demo weights)")
+    serve.add_argument("--checkpoint", help="official .pth, .bin or .safetensors of the single model")
+    serve.add_argument("--random-weights", action="store_true", default=None,
+                       help="serve random weights even where demo weights exist (architecture only)")
+    serve.add_argument("--dataset", choices=["ade20k", "cityscapes", "coco-stuff", "demo"])
+    serve.add_argument("--scales", help="input scales offered, e.g. 1,0.75,0.5 (default)")
+    serve.add_argument("--quality-table", help="quality table (segserve evaluate --json) of the single model")
     serve.add_argument("--device", choices=["cpu", "cuda"])
     serve.add_argument("--workers", type=int)
     serve.add_argument("--backend", choices=["torch", "onnx"])
-    serve.add_argument("--levels", help="comma-separated level names to serve (default: all)")
+    serve.add_argument("--levels", help="comma-separated knob level names to serve (default: the whole ladder)")
     serve.add_argument("--redis-url", help="share the result cache through Redis")
     serve.add_argument("--max-batch-size", type=int)
     serve.add_argument("--calibration-shape", help="HxW at which levels are calibrated, e.g. 512x512")
@@ -39,8 +45,20 @@ def _run_serve(args: argparse.Namespace) -> int:
         key: value for key, value in vars(args).items()
         if key not in {"command", "handler"} and value is not None
     }
-    serve(Settings(**overrides))
-    return 0
+    if "models" in overrides:
+        models = tuple(overrides.pop("models"))
+        if len(models) == 1 and ":" not in models[0]:
+            overrides["model"] = models[0]  # one plain --model: the single-model settings (levels, checkpoint) apply
+        else:
+            overrides["models"] = models
+    try:
+        settings = Settings(**overrides)
+    except ValueError as exc:  # pydantic's ValidationError: name the setting, no traceback
+        first = exc.errors()[0] if hasattr(exc, "errors") and exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        print(f"segserve serve: error: {where}: {first.get('msg', exc)}", file=sys.stderr)
+        return 2
+    return serve(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ PNG_CONTENT_TYPE = "image/png"
 JSON_CONTENT_TYPE = "application/json"
 
 
-class Format(str, enum.Enum):
+class Format(enum.StrEnum):
     """Output formats a client can ask for."""
 
     PNG = "png"  # single-channel label map, pixel value = class id

@@ -1,8 +1,9 @@
 """Every Prometheus metric segserve exports, declared in one place.
 
 Names carry the `segserve_` prefix and their unit (`_seconds`, `_bytes`, `_total`); labels are of low
-cardinality (model, level, route, status, outcome). Each runtime owns its own registry, so two
-service instances can live in one process (tests do that) without colliding.
+cardinality (model, point, route, status, outcome; a point is `model/level@scale`, a few dozen per server).
+Each runtime owns its own registry, so two service instances can live in one process (tests do that) without
+colliding.
 
 The Grafana dashboard, the alert rules and the prometheus-adapter rule in `deploy/` name these
 metrics; `tests/unit/test_deploy_promql.py` checks that every name they use is exported here.
@@ -21,6 +22,8 @@ LATENCY_BUCKETS_SECONDS = (
     0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+QUALITY_BUCKETS = (10, 20, 25, 30, 35, 40, 42.5, 45, 47.5, 50, 52.5, 55, 60, 70, 80, 90, 100)
+FRACTION_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -38,15 +41,15 @@ class Metrics:
         self.request_duration = Histogram(
             "segserve_request_duration_seconds",
             "End-to-end time of a segmentation request inside the server (decode to encoded mask).",
-            ["model", "level"], buckets=LATENCY_BUCKETS_SECONDS, registry=r,
+            ["model", "point"], buckets=LATENCY_BUCKETS_SECONDS, registry=r,
         )
         self.queue_wait = Histogram(
             "segserve_queue_wait_seconds", "Time a request waited in its batch queue before compute.",
-            ["model", "level"], buckets=LATENCY_BUCKETS_SECONDS, registry=r,
+            ["model", "point"], buckets=LATENCY_BUCKETS_SECONDS, registry=r,
         )
         self.compute = Histogram(
-            "segserve_compute_seconds", "Model compute time of the batch a request ran in.",
-            ["model", "level"], buckets=LATENCY_BUCKETS_SECONDS, registry=r,
+            "segserve_compute_seconds", "Model compute time of the batch a request ran in (preprocess included).",
+            ["model", "point"], buckets=LATENCY_BUCKETS_SECONDS, registry=r,
         )
         self.stage = Histogram(
             "segserve_stage_seconds", "Time spent in the CPU stages around the model, per request.",
@@ -54,17 +57,29 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "segserve_batch_size", "Number of requests per executed batch.",
-            ["model", "level"], buckets=BATCH_SIZE_BUCKETS, registry=r,
+            ["model", "point"], buckets=BATCH_SIZE_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge(
-            "segserve_queue_depth", "Requests waiting in batch queues.", ["model"], registry=r,
+            "segserve_queue_depth", "Requests waiting in batch queues (all models).", registry=r,
         )
         self.inflight = Gauge(
             "segserve_inflight_requests", "Segmentation requests being handled right now.", registry=r,
         )
-        self.level_chosen = Counter(
-            "segserve_level_chosen", "ISR level chosen per request, and why (budget, quality, explicit, default).",
-            ["model", "level", "reason"], registry=r,
+        self.point_chosen = Counter(
+            "segserve_point_chosen",
+            "Operating point that answered each request, and why (budget, quality, default, explicit, fallback, "
+            "cache).",
+            ["model", "point", "reason"], registry=r,
+        )
+        self.delivered_quality = Histogram(
+            "segserve_delivered_quality",
+            "Quality value (mIoU points, measured or prior) of the point that answered each request.",
+            ["task"], buckets=QUALITY_BUCKETS, registry=r,
+        )
+        self.kept_tokens = Histogram(
+            "segserve_kept_token_fraction",
+            "Fraction of tokens still computed after each early-exit tap (DoViT), per request.",
+            ["model", "tap"], buckets=FRACTION_BUCKETS, registry=r,
         )
         self.budget_outcomes = Counter(
             "segserve_budget_outcomes",
@@ -86,11 +101,11 @@ class Metrics:
         )
         self.calibrated_latency = Gauge(
             "segserve_calibrated_latency_seconds",
-            "Planner's current latency estimate per batch, by level and batch size, at the serving shape.",
-            ["model", "level", "batch_size"], registry=r,
+            "Planner's current latency estimate per batch, by point and batch size, at the point's reference shape.",
+            ["model", "point", "batch_size"], registry=r,
         )
         self.workers_alive = Gauge(
-            "segserve_workers_alive", "Worker processes/threads able to run batches.", ["model"], registry=r,
+            "segserve_workers_alive", "Worker threads able to run batches.", registry=r,
         )
         self.worker_failures = Counter(
             "segserve_worker_failures", "Batches that raised inside a worker.", ["model"], registry=r,
@@ -102,7 +117,7 @@ class Metrics:
         )
         self.model_info = Gauge(
             "segserve_model_info", "Served model (always 1).",
-            ["model", "weights", "classes", "backend", "device"], registry=r,
+            ["model", "architecture", "weights", "task", "classes", "backend", "device"], registry=r,
         )
 
     def set_build_info(self, version: str, torch_version: str, onnxruntime_version: str) -> None:

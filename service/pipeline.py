@@ -1,68 +1,46 @@
-"""One request's path, transport-free: validate -> cache -> plan -> submit -> encode -> receipt.
+"""One request's path, transport-free: validate -> plan -> cache -> decode -> queue -> encode -> receipt.
 
-HTTP routes and gRPC methods parse their input into a `SegmentRequest` and call `Pipeline.segment`;
-nothing else happens in the transports. CPU work (decoding, preprocessing, encoding) runs in threads,
-off the event loop.
+HTTP routes, gRPC methods and the Open Inference Protocol parse their input into a `SegmentRequest` and call
+`Pipeline.segment`; nothing else happens in the transports. CPU work (decoding, encoding) runs in threads,
+off the event loop; preprocessing happens in the worker at dispatch, once the point is decided.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import hashlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from models.isr import IsrLevel
-from models.predict import preprocess
 from service import encoding
 from service.batching.scheduler import ItemResult, WorkItem
 from service.cache import CachedResult, CacheKey
 from service.errors import InvalidParameter, NotFound, Unavailable
 from service.images import ImageHeader, decode_rgb, read_header
-from service.planner import QUALITY_NAMES, Plan, Shape, choose, quality_floor_rank
+from service.planner import QUALITY_NAMES, Demand, Load, NoPointFits, Plan, PlanReason, quality_value
+from service.points import Point
+from service.receipt import Receipt, build_receipt
 from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-JSON_FORMATS = {"json", "rle"}
+JSON_FORMATS = {"json", "rle"}  # bodies that carry the receipt inside
 
 
 @dataclass
 class SegmentRequest:
     image: bytes
-    model: str | None = None
+    model: str | None = None  # restrict to one served model; None = any model of the task's pool
+    task: str | None = None  # the label space (pool); None = the default model's
     budget_ms: float | None = None
     quality: str | float | None = None
-    level: str | None = None
+    level: str | None = None  # an explicit knob level of `model` (default: the default model), at scale 1
+    point: str | None = None  # an explicit operating point, `model/level@scale`
     format: str = "png"
     strict: bool = False
-    timeout_ms: float | None = None  # hard deadline: past it, a queued request is answered 504
+    timeout_ms: float | None = None  # hard deadline: never answered 200 past it (504 instead)
     route: str = "/v1/segment"
-
-
-@dataclass
-class Receipt:
-    """What was spent on a request; sent as headers (HTTP), fields (JSON bodies) and gRPC fields."""
-
-    model: str
-    level: str
-    isr: str
-    cache: str  # "hit" or "miss"
-    queue_ms: float
-    compute_ms: float
-    total_ms: float
-    batch_size: int
-    budget_ms: float | None
-    budget_met: bool | None
-    predicted_ms: float
-    plan_reason: str
-    height: int
-    width: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -70,6 +48,15 @@ class SegmentResult:
     body: bytes
     content_type: str
     receipt: Receipt
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request may run on: a pool, optionally one model of it, optionally one explicit point."""
+
+    task: str
+    model: str | None
+    explicit: Point | None
 
 
 def parse_quality(value: str | float | None) -> str | float | None:
@@ -91,12 +78,45 @@ class Pipeline:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
 
-    def _validate(self, request: SegmentRequest) -> tuple[IsrLevel | None, str | float | None]:
+    # ----- validation -----
+    def target(self, request: SegmentRequest) -> Target:
+        """Resolve task, model restriction and explicit point; 404/422 for names the server does not know."""
+        rt = self.rt
+        model = request.model or None
+        if request.point:
+            model_name = request.point.partition("/")[0]
+            if model is not None and model_name != model:
+                raise InvalidParameter(f"point {request.point!r} is not a point of model {model!r}",
+                                       code="unknown_point")
+            model = model_name
+        if model is not None and model not in rt.models:
+            raise NotFound(f"unknown model {model!r}; this server serves {', '.join(rt.models)}", code="unknown_model")
+        task = request.task or (rt.models[model].task if model else rt.default_task)
+        if task not in rt.pools:
+            raise NotFound(f"unknown task {task!r}; this server's tasks: {', '.join(rt.pools)}", code="unknown_task")
+        if model is not None and rt.models[model].task != task:
+            raise InvalidParameter(f"model {model!r} serves task {rt.models[model].task!r}, not {task!r}",
+                                   code="unknown_task")
+        explicit = None
+        if request.point:
+            explicit = rt.pools[task].point(request.point) or rt.pools[task].point(f"{request.point}@1")
+            if explicit is None:
+                raise InvalidParameter(f"unknown point {request.point!r}; GET /v1/models lists each model's points",
+                                       code="unknown_point")
+        elif request.level:
+            model = model or rt.default_model
+            served = rt.models[model]
+            try:
+                level = served.spec.level(request.level, served.levels)
+            except KeyError as exc:
+                raise InvalidParameter(str(exc.args[0]), code="unknown_level") from None
+            scale = max(served.entry.scales)
+            explicit = rt.pools[task].point(f"{model}/{level.name}@{scale:g}")
+        return Target(task, model, explicit)
+
+    def _validate(self, request: SegmentRequest) -> tuple[Target, float | None]:
         settings = self.rt.settings
         request.format = (request.format or "png").lower()
-        if request.model not in (None, self.rt.model_name):
-            raise NotFound(f"unknown model {request.model!r}; this server serves {self.rt.model_name!r}",
-                           code="unknown_model")
         if request.format not in {f.value for f in encoding.Format}:
             raise InvalidParameter(f"unknown format {request.format!r}; use png, color, rle or json",
                                    code="unknown_format")
@@ -105,136 +125,123 @@ class Pipeline:
                 raise InvalidParameter(
                     f"{name} must be a number of milliseconds in (0, {settings.max_budget_ms:g}], got {value}",
                     code="invalid_budget")
-        level = None
-        if request.level:
-            try:
-                level = self.rt.level(request.level)
-            except KeyError as exc:
-                raise InvalidParameter(str(exc.args[0]), code="unknown_level") from None
-        return level, parse_quality(request.quality)
+        return self.target(request), quality_value(parse_quality(request.quality))
 
+    def _check_ready(self) -> None:
+        rt = self.rt
+        if rt.draining:
+            raise Unavailable("the server is shutting down; retry on another replica", retry_after_s=1.0,
+                              code="shutting_down")
+        if not rt.ready:
+            raise Unavailable("the server is not ready (starting, or no live worker)", retry_after_s=1.0,
+                              code="not_ready")
+
+    # ----- the request -----
     async def segment(self, request: SegmentRequest) -> SegmentResult:
         rt = self.rt
         arrived = time.monotonic()
-        if not rt.ready:
-            raise Unavailable("the server is not ready (starting, draining, or no live worker)",
-                              retry_after_s=1.0, code="not_ready")
-        explicit, quality = self._validate(request)
+        self._check_ready()
+        target, quality = self._validate(request)
+        started = time.perf_counter()
         header = await asyncio.to_thread(read_header, request.image, max_pixels=rt.settings.max_pixels,
                                          min_side=rt.settings.min_side)
-        shape = rt.predictor_input_size(header.height, header.width)
+        size = (header.height, header.width)
         budget_s = request.budget_ms / 1e3 if request.budget_ms is not None else None
-        plan = choose(rt.profile, shape, budget_s=budget_s, quality=quality, explicit=explicit,
-                      backlog_s=rt.scheduler.backlog_s(), overhead_s=rt.overhead_s,
-                      safety_margin=rt.settings.safety_margin)
-        if not plan.level.isr.fits(*shape):
-            plan = self._fitting_plan(plan, shape, explicit, budget_s, header)
-        key = CacheKey.for_image(request.image, model=rt.model_name, checkpoint=rt.weights_id,
-                                 output_format=request.format, output_size=(header.height, header.width),
-                                 options=rt.cache_options)
-        cached = await rt.cache.get(key, plan.level.rank)
+        demand = Demand(rt.ladder(target.task, target.model), size, 1, budget_s, quality, target.explicit)
+        load = Load(rt.scheduler.backlog_s(), rt.overhead_pre.value + rt.overhead_post.value,
+                    rt.settings.safety_margin)
+        try:
+            plan = rt.planner.plan(demand, load)
+        except NoPointFits as exc:
+            raise InvalidParameter(f"image of {header.width}x{header.height} is too small: {exc}",
+                                   code="image_too_small") from None
+        key = self._cache_key(request, target, size)
+        ranks = rt.pools[target.task].quality_rank
+        cached = await rt.cache.get(key, ranks[plan.point.name])
+        if cached is not None and target.model is not None and not cached.level.startswith(f"{target.model}/"):
+            cached = None  # computed by another model of the pool: not what this request restricted itself to
         if cached is None:
             if request.strict and not plan.feasible:
-                rt.metrics.rejected.labels(rt.model_name, "infeasible").inc()
-                retry = max(1.0, rt.scheduler.backlog_s())
+                rt.metrics.rejected.labels(plan.point.model, "infeasible").inc()
                 raise Unavailable(
-                    f"no level can finish within {request.budget_ms:g} ms under the current load (predicted "
-                    f"{plan.predicted_s * 1e3:.0f} ms at the cheapest level {plan.level.name})",
-                    retry_after_s=retry, code="budget_infeasible")
-            flight_key = f"{key.digest()}:{plan.level.name}"
+                    f"no operating point can finish within {request.budget_ms:g} ms under the current load "
+                    f"(predicted {plan.predicted_s * 1e3:.0f} ms at {plan.point.name})",
+                    retry_after_s=max(1.0, rt.scheduler.backlog_s()), code="budget_infeasible")
+            flight_key = f"{key.digest()}:{plan.point.name}"
             cached, batch = await rt.singleflight.do(
-                flight_key, lambda: self._compute(request, header, plan, arrived, key, quality))
-            cache_state = "miss"
+                flight_key, lambda: self._compute(request, target, header, plan, arrived, key, quality, started))
+            point = batch.plan.point if batch else plan.point
+            reason = batch.plan.reason if batch else plan.reason
         else:
             batch = None
-            cache_state = "hit"
+            point = rt.pools[target.task].point(cached.level) or plan.point
+            reason = PlanReason.CACHE
         total_s = time.monotonic() - arrived
-        receipt = self._receipt(request, plan, cached, batch, cache_state, total_s, header)
-        self._record(request, plan, receipt, total_s)
+        receipt = build_receipt(rt, request, point, reason, plan, cached, batch, total_s, header, target.task)
+        self._record(point, reason, receipt, total_s, target.task)
         body = cached.body
         if request.format in JSON_FORMATS:
             body = encoding.replace_json_receipt(body, receipt.as_dict())
         return SegmentResult(body, cached.content_type, receipt)
 
-    def _fitting_plan(
-        self, plan: Plan, shape: Shape, explicit: IsrLevel | None, budget_s: float | None, header: ImageHeader
-    ) -> Plan:
-        """The planned level pools more than a thin input allows: run the closest level that fits instead.
+    def _cache_key(self, request: SegmentRequest, target: Target, size: tuple[int, int]) -> CacheKey:
+        """One entry per image and pool: the best result any of the pool's models computed for it so far.
 
-        Cheaper levels pool more, so the levels that fit are the better ones; the cheapest of them replaces
-        the plan. An explicit level is not second-guessed, and an input no level fits is refused.
+        The pool's composition (served names, weights, pipelines) is part of the key, so replicas that serve
+        other models or weights never share entries; the value names the point that computed it.
         """
         rt = self.rt
-        fitting = [level for level in rt.levels if level.isr.fits(*shape)]
-        if explicit is not None or not fitting:
-            raise InvalidParameter(f"image of {header.width}x{header.height} is too small for level {plan.level.name}",
-                                   code="image_too_small")
-        better = [level for level in fitting if level.rank < plan.level.rank]
-        level = better[-1] if better else fitting[0]
-        refit = choose(rt.profile, shape, budget_s=budget_s, quality=None, explicit=level,
-                       backlog_s=rt.scheduler.backlog_s(), overhead_s=rt.overhead_s,
-                       safety_margin=rt.settings.safety_margin)
-        return dataclasses.replace(refit, reason=plan.reason if refit.feasible else "fallback")
+        members = sorted((m.name, m.weights_id, m.cache_options) for m in rt.models.values() if m.task == target.task)
+        weights = hashlib.sha256(repr(members).encode()).hexdigest()
+        return CacheKey.for_image(request.image, model=f"pool:{target.task}", checkpoint=weights,
+                                  output_format=request.format, output_size=size)
 
     async def _compute(
-        self, request: SegmentRequest, header: ImageHeader, plan: Plan, arrived: float, key: CacheKey,
-        quality: str | float | None,
+        self, request: SegmentRequest, target: Target, header: ImageHeader, plan: Plan, arrived: float,
+        key: CacheKey, quality: float | None, started: float,
     ) -> tuple[CachedResult, ItemResult]:
         rt = self.rt
-        started = time.perf_counter()
-        image = await asyncio.to_thread(decode_rgb, request.image, header)
-        decoded_only = time.perf_counter()
-        images = await asyncio.to_thread(preprocess, image, plan.shape)
+        decode_start = time.perf_counter()
+        pixels = await asyncio.to_thread(decode_rgb, request.image, header)
         decoded = time.perf_counter()
-        rt.metrics.stage.labels("decode").observe(decoded_only - started)
-        rt.metrics.stage.labels("preprocess").observe(decoded - decoded_only)
+        rt.metrics.stage.labels("decode").observe(decoded - decode_start)
+        rt.overhead_pre.add(decoded - started)
         loop = asyncio.get_running_loop()
         hard_s = min(request.timeout_ms / 1e3 if request.timeout_ms else math.inf, rt.settings.request_timeout_s)
         budget_deadline = arrived + request.budget_ms / 1e3 if request.budget_ms else None
-        if request.strict and budget_deadline is not None:
+        if request.strict and request.budget_ms:
             hard_s = min(hard_s, request.budget_ms / 1e3)
-        # The scheduler may re-plan the level at dispatch, but never above the quality cap.
-        best_rank = min(quality_floor_rank(quality, len(rt.levels)), len(rt.levels) - 1)
-        item = WorkItem(images=images, original_size=(header.height, header.width), level=plan.level,
-                        budget_deadline=budget_deadline, hard_deadline=arrived + hard_s, future=loop.create_future(),
-                        best_rank=rt.levels[best_rank].rank, pinned=plan.reason == "explicit")
+        item = WorkItem(pixels=pixels, original_size=(header.height, header.width), pool=target.task,
+                        model=target.model, admitted=plan, budget_deadline=budget_deadline,
+                        hard_deadline=arrived + hard_s, future=loop.create_future(), quality=quality,
+                        explicit=target.explicit)
         rt.scheduler.submit(item)
-        result = await item.future
+        result: ItemResult = await item.future
+        served = rt.served(result.plan.point)
         encode_start = time.perf_counter()
         body, content_type = await asyncio.to_thread(
-            encoding.encode, request.format, result.labels, num_classes=rt.num_classes,
-            class_names=rt.class_names, palette=rt.palette, receipt={})
+            encoding.encode, request.format, result.labels, num_classes=served.meta.num_classes,
+            class_names=served.meta.class_names, palette=served.meta.palette, receipt={})
         encoded = time.perf_counter()
         rt.metrics.stage.labels("encode").observe(encoded - encode_start)
-        rt.observe_overhead((decoded - started) + (encoded - encode_start))
-        cached = CachedResult(body=body, content_type=content_type, level=result.level.name,
-                              level_rank=result.level.rank)
+        rt.overhead_post.add(encoded - encode_start)
+        point = result.plan.point
+        cached = CachedResult(body=body, content_type=content_type, level=point.name,
+                              level_rank=rt.pools[target.task].quality_rank[point.name])
         await rt.cache.put(key, cached)
         return cached, result
 
-    def _receipt(
-        self, request: SegmentRequest, plan: Plan, cached: CachedResult, batch: ItemResult | None,
-        cache_state: str, total_s: float, header: ImageHeader,
-    ) -> Receipt:
-        level = self.rt.level(cached.level)
-        budget_met = None if request.budget_ms is None else total_s * 1e3 <= request.budget_ms
-        return Receipt(
-            model=self.rt.model_name, level=level.name, isr=level.isr.code, cache=cache_state,
-            queue_ms=round(batch.queue_s * 1e3, 3) if batch else 0.0,
-            compute_ms=round(batch.compute_s * 1e3, 3) if batch else 0.0,
-            total_ms=round(total_s * 1e3, 3), batch_size=batch.batch_size if batch else 0,
-            budget_ms=request.budget_ms, budget_met=budget_met, predicted_ms=round(plan.predicted_s * 1e3, 3),
-            plan_reason=plan.reason if batch is None or batch.level == plan.level else f"{plan.reason}+dispatch",
-            height=header.height, width=header.width,
-        )
-
-    def _record(self, request: SegmentRequest, plan: Plan, receipt: Receipt, total_s: float) -> None:
-        m, model = self.rt.metrics, self.rt.model_name
-        m.request_duration.labels(model, receipt.level).observe(total_s)
-        m.level_chosen.labels(model, plan.level.name, plan.reason).inc()
+    def _record(self, point: Point, reason: PlanReason, receipt: Receipt, total_s: float, task: str) -> None:
+        m = self.rt.metrics
+        m.request_duration.labels(point.model, point.name).observe(total_s)
+        m.point_chosen.labels(point.model, point.name, reason.value).inc()
+        m.delivered_quality.labels(task).observe(point.quality)
         if receipt.cache == "miss":
-            m.queue_wait.labels(model, receipt.level).observe(receipt.queue_ms / 1e3)
-            m.compute.labels(model, receipt.level).observe(receipt.compute_ms / 1e3)
+            m.queue_wait.labels(point.model, point.name).observe(receipt.queue_ms / 1e3)
+            m.compute.labels(point.model, point.name).observe(receipt.compute_ms / 1e3)
+            for key, values in receipt.stats.items():
+                if key == "kept_fraction":
+                    for tap, value in enumerate(values):
+                        m.kept_tokens.labels(point.model, str(tap)).observe(value)
         if receipt.budget_met is not None:
-            m.budget_outcomes.labels(model, "met" if receipt.budget_met else "missed").inc()
-
+            m.budget_outcomes.labels(point.model, "met" if receipt.budget_met else "missed").inc()

@@ -1,158 +1,128 @@
-"""The planner: which ISR level can finish a request within its budget, given the work queued ahead.
+"""The planner: the one decider of which operating point runs a request (or a batch of requests).
 
-`LatencyProfile` holds seconds per batch by (level, batch size) at the calibration shape, measured at
-start-up on the real backend and refined online from observed batches (an exponentially weighted
-average). Other input shapes are scaled by the ratio of their GMACs to the calibration shape's.
+`Planner.plan(demand, load)` is used twice, with the same rules:
 
-`choose` is a pure function of the request, the profile and the backlog, so it is unit-tested without
-a model.
+- at admission, for one request (batch 1), with the work queued ahead of it: the forecast that decides a
+  strict refusal, the cache lookup and the receipt's prediction;
+- at dispatch, for the batch about to run, with the time left until its most urgent member's budget
+  deadline: late binding, so a burst that arrived after admission moves queued work to a cheaper point
+  (a smaller scale, a cheaper knob level or a cheaper model of the pool) instead of making it late.
+
+It walks the ladder (best quality first) and takes the first point whose predicted completion, with the safety
+margin, fits the time left and whose knob fits the network input; `quality` caps the ladder by quality value.
+It is a pure function of its inputs: the profile estimates, the shapes, and a `Load` snapshot.
 """
 
 from __future__ import annotations
 
-import threading
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from models.isr import IsrLevel
+from service.points import Point
 
 Shape = tuple[int, int]
 QUALITY_NAMES = {"best": 1.0, "balanced": 0.5, "fast": 0.0}
 
 
+class PlanReason(enum.StrEnum):
+    """Why a point was chosen (receipts, metrics)."""
+
+    BUDGET = "budget"  # the best point predicted to meet the budget
+    QUALITY = "quality"  # no budget: the best point the quality setting allows
+    DEFAULT = "default"  # no budget, no quality: the best point
+    EXPLICIT = "explicit"  # the request named the point or level
+    FALLBACK = "fallback"  # nothing fits the budget: the cheapest allowed point, predicted late
+    CACHE = "cache"  # answered from the result cache; no point ran for it
+
+
 @dataclass(frozen=True)
 class Plan:
-    level: IsrLevel
-    shape: Shape
-    reason: str  # "budget", "quality", "explicit", "default" or "fallback" (no level fits the budget)
-    predicted_s: float  # predicted completion time from now, queue included
-    feasible: bool  # whether the prediction (with the safety margin) fits the budget; True without one
+    point: Point
+    shape: Shape  # the network input at that point
+    reason: PlanReason
+    predicted_s: float  # predicted completion from now: queue ahead + compute + overheads
+    feasible: bool  # whether the prediction (with the safety margin) fits the time left; True without a budget
 
 
-class LatencyProfile:
-    """Per-batch latency estimates, thread-safe (workers observe, the event loop reads).
+@dataclass(frozen=True)
+class Demand:
+    """What must run: the points allowed (best first), the image, the batch and the time left."""
 
-    Two corrections keep start-up measurements honest: an entry that runs is refined by an exponentially
-    weighted average of its observed times; an entry that has not run yet is scaled by the drift, the
-    average ratio of observed to calibrated time over every batch seen. Without the drift, a level that
-    calibrated slow (say, under CPU contention at start-up) would never be chosen, hence never corrected.
-    """
+    candidates: Sequence[Point]
+    image_size: Shape  # original (H, W): every member of a batch has this size
+    batch_size: int = 1
+    slack_s: float | None = None  # seconds until the earliest budget deadline; None = no budget
+    quality: float | None = None  # 0 (fastest) .. 1 (best), caps the ladder by quality value
+    explicit: Point | None = None
+
+
+@dataclass(frozen=True)
+class Load:
+    """The state of the server the plan depends on, as a snapshot."""
+
+    queue_ahead_s: float = 0.0  # predicted wait before a worker takes the work (0 at dispatch)
+    overhead_s: float = 0.0  # measured non-compute time per request still to come (decode, encode)
+    safety_margin: float = 0.15
+
+
+class NoPointFits(ValueError):
+    """No allowed point can take this input size (every knob pools more than the input allows)."""
+
+
+def quality_value(quality: str | float | None) -> float | None:
+    """'fast'/'balanced'/'best' or a number in [0, 1] -> the number; None passes through."""
+    if quality is None:
+        return None
+    return QUALITY_NAMES[quality] if isinstance(quality, str) else float(quality)
+
+
+def capped(candidates: Sequence[Point], quality: float | None) -> list[Point]:
+    """The candidates at or below the quality cap: `quality` 1 keeps all, 0 keeps only the cheapest quality."""
+    if quality is None or not candidates:
+        return list(candidates)
+    values = [p.quality for p in candidates]
+    cap = min(values) + quality * (max(values) - min(values))
+    return [p for p in candidates if p.quality <= cap + 1e-9]
+
+
+class Planner:
+    """Binds the profile's estimate and the per-point network shape to the pure planning rules."""
 
     def __init__(
         self,
-        levels: Sequence[IsrLevel],
-        calibration_shape: Shape,
-        gmacs: Callable[[IsrLevel, Shape], float],
-        smoothing: float = 0.2,
+        estimate: Callable[[Point, Shape, int], float],
+        shape_of: Callable[[Point, Shape], Shape],
+        fits: Callable[[Point, Shape], bool],
     ) -> None:
-        self.levels = list(levels)
-        self.calibration_shape = calibration_shape
-        self._gmacs = gmacs
-        self._smoothing = smoothing
-        self._calibrated: dict[str, dict[int, float]] = {level.name: {} for level in self.levels}
-        self._observed: dict[str, dict[int, float]] = {level.name: {} for level in self.levels}
-        self.drift = 1.0
-        self._lock = threading.Lock()
+        self._estimate = estimate
+        self._shape_of = shape_of
+        self._fits = fits
 
-    def set(self, level: IsrLevel, batch_size: int, seconds: float) -> None:
-        with self._lock:
-            self._calibrated[level.name][batch_size] = seconds
-            self._observed[level.name].pop(batch_size, None)
+    def predict(self, point: Point, demand: Demand, load: Load) -> tuple[Shape, float]:
+        shape = self._shape_of(point, demand.image_size)
+        compute = self._estimate(point, shape, demand.batch_size)
+        return shape, load.queue_ahead_s + compute + load.overhead_s
 
-    def _row(self, name: str) -> dict[int, float]:
-        row = {batch: seconds * self.drift for batch, seconds in self._calibrated[name].items()}
-        row.update(self._observed[name])
-        return row
-
-    def table(self) -> dict[str, dict[int, float]]:
-        with self._lock:
-            return {name: dict(sorted(self._row(name).items())) for name in self._calibrated}
-
-    def _shape_factor(self, level: IsrLevel, shape: Shape) -> float:
-        if shape == self.calibration_shape:
-            return 1.0
-        return self._gmacs(level, shape) / self._gmacs(level, self.calibration_shape)
-
-    def estimate(self, level: IsrLevel, shape: Shape, batch_size: int = 1) -> float:
-        """Seconds to run a batch of `batch_size` at `shape` (interpolated in batch size)."""
-        with self._lock:
-            row = self._row(level.name)
-            if not row:
-                raise RuntimeError(f"level {level.name} has not been calibrated")
-            seconds = _interpolate(row, batch_size)
-        return seconds * self._shape_factor(level, shape)
-
-    def observe(self, level: IsrLevel, shape: Shape, batch_size: int, seconds: float) -> None:
-        """Fold an observed batch time (normalized to the calibration shape) into its entry and the drift."""
-        normalized = seconds / self._shape_factor(level, shape)
-        alpha = self._smoothing
-        with self._lock:
-            calibrated = self._calibrated[level.name]
-            if calibrated:
-                ratio = normalized / _interpolate(calibrated, batch_size)
-                self.drift = (1 - alpha) * self.drift + alpha * ratio
-            observed = self._observed[level.name]
-            previous = observed.get(batch_size, calibrated.get(batch_size))  # the first one starts from calibration
-            observed[batch_size] = normalized if previous is None else (1 - alpha) * previous + alpha * normalized
-
-
-def _interpolate(row: dict[int, float], batch_size: int) -> float:
-    """Linear in batch size between measured points; beyond the largest, per-item cost of the largest."""
-    if batch_size in row:
-        return row[batch_size]
-    sizes = sorted(row)
-    if batch_size < sizes[0]:
-        return row[sizes[0]] * batch_size / sizes[0]
-    if batch_size > sizes[-1]:
-        return row[sizes[-1]] * batch_size / sizes[-1]
-    upper = next(s for s in sizes if s > batch_size)
-    lower = max(s for s in sizes if s < batch_size)
-    weight = (batch_size - lower) / (upper - lower)
-    return row[lower] * (1 - weight) + row[upper] * weight
-
-
-def quality_floor_rank(quality: str | float | None, ladder_size: int) -> int:
-    """The best rank a quality setting allows: 1 / "best" -> 0 (full), 0 / "fast" -> the cheapest."""
-    if quality is None:
-        return 0
-    value = QUALITY_NAMES[quality] if isinstance(quality, str) else float(quality)
-    return round((1.0 - value) * (ladder_size - 1))
-
-
-def choose(
-    profile: LatencyProfile,
-    shape: Shape,
-    *,
-    budget_s: float | None,
-    quality: str | float | None,
-    explicit: IsrLevel | None,
-    backlog_s: float,
-    overhead_s: float,
-    safety_margin: float,
-) -> Plan:
-    """The best level that is predicted to finish within the budget.
-
-    Prediction = backlog (work queued ahead, per worker) + batch-1 compute at this shape + the measured
-    non-compute overhead (decode, preprocess, encode). A level fits when prediction * (1 + margin) is
-    within the budget. `quality` caps the level from above; no budget and no quality means full compute.
-    """
-    levels = profile.levels
-
-    def predict(level: IsrLevel) -> float:
-        return backlog_s + profile.estimate(level, shape, 1) + overhead_s
-
-    if explicit is not None:
-        predicted = predict(explicit)
-        feasible = budget_s is None or predicted * (1 + safety_margin) <= budget_s
-        return Plan(explicit, shape, "explicit", predicted, feasible)
-    floor = min(quality_floor_rank(quality, len(levels)), len(levels) - 1)
-    candidates = levels[floor:]
-    if budget_s is None:
-        reason = "quality" if quality is not None else "default"
-        return Plan(candidates[0], shape, reason, predict(candidates[0]), True)
-    for level in candidates:
-        predicted = predict(level)
-        if predicted * (1 + safety_margin) <= budget_s:
-            return Plan(level, shape, "budget", predicted, True)
-    cheapest = candidates[-1]
-    return Plan(cheapest, shape, "fallback", predict(cheapest), False)
+    def plan(self, demand: Demand, load: Load) -> Plan:
+        margin = 1 + load.safety_margin
+        if demand.explicit is not None:
+            shape, predicted = self.predict(demand.explicit, demand, load)
+            if not self._fits(demand.explicit, shape):
+                raise NoPointFits(f"point {demand.explicit.name} cannot take a {shape[1]}x{shape[0]} network input")
+            feasible = demand.slack_s is None or predicted * margin <= demand.slack_s
+            return Plan(demand.explicit, shape, PlanReason.EXPLICIT, predicted, feasible)
+        # Fit first, then cap: a thin image that only the best points can take still gets an answer for "fast".
+        fitting = [p for p in demand.candidates if self._fits(p, self._shape_of(p, demand.image_size))]
+        if not fitting:
+            raise NoPointFits(f"no operating point can take a {demand.image_size[1]}x{demand.image_size[0]} image")
+        fitting = [(p, *self.predict(p, demand, load)) for p in capped(fitting, demand.quality)]
+        if demand.slack_s is None:
+            point, shape, predicted = fitting[0]
+            reason = PlanReason.QUALITY if demand.quality is not None else PlanReason.DEFAULT
+            return Plan(point, shape, reason, predicted, True)
+        for point, shape, predicted in fitting:
+            if predicted * margin <= demand.slack_s:
+                return Plan(point, shape, PlanReason.BUDGET, predicted, True)
+        point, shape, predicted = min(fitting, key=lambda item: item[2])  # late anyway: free the worker soonest
+        return Plan(point, shape, PlanReason.FALLBACK, predicted, False)

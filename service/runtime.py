@@ -1,60 +1,46 @@
 """The Runtime: everything a running server holds, built once from `Settings`.
 
-Model and classes, the served level ladder, the latency profile, the worker pool and scheduler, the
-result cache and the metrics. The app's lifespan builds it; routes and the gRPC servicer receive it.
+Shared parts (settings, metrics, cache, latency profile, planner, worker pool, scheduler) and the served
+models (`ServedModel`), grouped into pools by label space. The app's lifespan builds it; routes and the gRPC
+servicer receive it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
-import statistics
-import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from models import LADDER, IsrLevel, create_model, level_by_name
-from models.datasets import dataset_for
-from models.flops import gmacs_for
-from models.predict import network_input_size, preprocess
 from service import __version__
 from service.batching.scheduler import Scheduler
 from service.cache import SingleFlight, build_cache
+from service.calibration import calibrate, profile_key, profile_path, warm_up
+from service.gmacs import GmacTable
 from service.metrics import Metrics
-from service.planner import LatencyProfile, Shape
+from service.planner import Planner
+from service.points import UNKNOWN_MARGIN, Point, Pool
+from service.profile import LatencyProfile
+from service.repository import describe_entries, entries_from_settings
+from service.served_model import ServedModel, assign_points, build_served_model
 from service.settings import Settings
-from service.workers.backends.base import Backend
+from service.workers import loader
 from service.workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
+Shape = tuple[int, int]
 
 
-def calibration_images(count: int, height: int, width: int) -> torch.Tensor:
-    """Preprocessed photo-like inputs (smooth gradients and blobs, mild noise).
+class Ewma:
+    """An exponentially weighted average of a duration (seconds), starting at the first sample."""
 
-    Not white noise: noise makes noisy logits, which send the postprocess down its slow dense path and
-    would calibrate every level 2x slower than real images run.
-    """
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    images = []
-    for index in range(count):
-        phase = index * 0.7
-        rgb = np.stack([
-            127 + 120 * np.sin(xx / (37 + 5 * index) + phase),
-            127 + 120 * np.cos(yy / (29 + 3 * index) - phase),
-            255 * (xx + yy) / (height + width),
-        ], axis=-1) + rng.normal(0, 6, (height, width, 3))
-        images.append(preprocess(np.clip(rgb, 0, 255).astype(np.uint8), (height, width)))
-    return torch.cat(images)
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.value = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.value = seconds if self.value == 0 else (1 - self.alpha) * self.value + self.alpha * seconds
 
 
 class Runtime:
@@ -64,145 +50,129 @@ class Runtime:
         self.ready = False
         self.draining = False
         self.calibrated = False
-        self._threads = settings.threads_per_worker or max(1, (os.cpu_count() or 1) // settings.workers)
-        torch.set_num_threads(self._threads)
+        self.threads = settings.threads_per_worker or max(1, (os.cpu_count() or 1) // settings.workers)
+        loader.set_threads(self.threads)
+        self.versions = loader.versions()
 
-        if settings.checkpoint is None:
-            # Same random weights in every replica, so that replicas sharing a Redis cache under the
-            # weights id "random" also share the same masks.
-            torch.manual_seed(0)
-        self.model = create_model(settings.model, checkpoint=settings.checkpoint, dataset=settings.dataset).eval()
-        meta = self.model.meta
-        self.model_name = meta.name
-        self.num_classes = meta.num_classes
-        self.class_names = meta.class_names
-        self.palette = meta.palette
-        self.weights = meta.weights
-        self.weights_id = meta.checkpoint_sha256 or "random"
-        self.dataset = dataset_for(meta.dataset, meta.num_classes)
-        if settings.resize_scale is not None:
-            self.dataset = dataclasses.replace(self.dataset, resize_scale=tuple(settings.resize_scale))
-        if self.weights == "random":
-            log.warning("=" * 72)
-            log.warning("NO CHECKPOINT: %s runs with RANDOMLY INITIALIZED weights; masks are meaningless.",
-                        self.model_name)
-            log.warning("Set --checkpoint / SEGSERVE_CHECKPOINT to an official EDAFormer checkpoint.")
-            log.warning("=" * 72)
-        # Everything besides image, model, weights and format that changes the mask or its encoding.
-        self.cache_options = f"{self.dataset.name}:{self.dataset.resize_scale}:{self.dataset.align_to}"
-        names = [n.strip() for n in settings.levels.split(",")] if settings.levels else None
-        chosen = [level_by_name(n) for n in names] if names else list(LADDER)
-        # Keep ladder order (best first) whatever order the setting listed them in.
-        self.levels: list[IsrLevel] = sorted(chosen, key=lambda level: level.rank)
-
-        self._gmacs_cache: dict[tuple[str, Shape], float] = {}
-        self._gmacs_pending: set[tuple[str, Shape]] = set()
-        self._gmacs_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segserve-gmacs")
-        self._gmacs_lock = threading.Lock()
-        self.profile = LatencyProfile(self.levels, tuple(settings.calibration_shape), self.gmacs)
-        self.overhead_s = 0.0
-
-        self.pool = WorkerPool(self._backend_factory(), settings.workers)
+        entries = entries_from_settings(settings)
+        log.info("serving %d model(s): %s", len(entries), describe_entries(entries))
+        self.models: dict[str, ServedModel] = {}
+        for entry in entries:
+            loaded = loader.load_model(entry.architecture, entry.checkpoint, entry.dataset, entry.random_weights)
+            served = build_served_model(entry, loaded, settings, self.threads)
+            self.models[served.name] = served
+            _announce_weights(served)
+        self.default_model = entries[0].name
+        self.default_task = self.models[self.default_model].task
+        cache_dir = Path(settings.profile_dir).expanduser() if settings.profile_dir else None
+        self.gmac_table = GmacTable(loader.gmacs, cache_dir.parent / "gmacs.json" if cache_dir else None)
+        self.profile = LatencyProfile(self.gmacs)
+        self.pools = self._build_pools()
+        self.planner = Planner(self.profile.estimate, self.shape_of, self.fits)
+        self.overhead_pre = Ewma()  # header read + decode per request
+        self.overhead_post = Ewma()  # encode per request
+        self.workers = WorkerPool({name: m.make_backend for name, m in self.models.items()}, settings.workers)
         self.scheduler = Scheduler(
-            self.pool, self.profile, self.metrics, self.model_name,
+            self.workers, self.planner, self.ladder, self.profile.estimate, self.profile.observe, self.metrics,
             max_batch_size=settings.max_batch_size, max_queue_delay_s=settings.max_queue_delay_ms / 1e3,
-            max_queue_size=settings.max_queue_size, levels=self.levels, safety_margin=settings.safety_margin,
+            max_queue_size=settings.max_queue_size, safety_margin=settings.safety_margin,
+            post_overhead_s=lambda: self.overhead_post.value,
         )
         self.cache = build_cache(settings, self.metrics)
         self.singleflight = SingleFlight(cancel_when_abandoned=True)
         self._scheduler_task: asyncio.Task | None = None
         self._publish_info()
 
-    # ----- construction helpers -----
-    def _backend_factory(self):
-        settings = self.settings
-        if settings.backend == "onnx":
-            from service.workers.backends.onnx_backend import OnnxBackend, export_levels
+    # ----- construction -----
+    def _build_pools(self) -> dict[str, Pool]:
+        by_task: dict[str, list[ServedModel]] = defaultdict(list)
+        for served in self.models.values():
+            by_task[served.task].append(served)
+        pools = {}
+        for task, members in by_task.items():
+            published = [m.spec.published_miou[m.meta.dataset] for m in members
+                         if m.meta.dataset in m.spec.published_miou]
+            base = min(published) - UNKNOWN_MARGIN if published else None
+            for served in members:
+                assign_points(served, base)
+                for point in served.points:
+                    self.profile.register(point, served.shape_of(point, tuple(self.settings.calibration_shape)))
+            points = [p for m in members for p in m.points]
+            pools[task] = Pool(task, points, self._reference_latency)
+        return pools
 
-            paths = export_levels(self.model, self.levels, Path(settings.onnx_cache_dir), self.weights_id)
-
-            def make_onnx() -> Backend:
-                return OnnxBackend(paths, self.dataset, settings.device, self._threads)
-
-            return make_onnx
-        from service.workers.backends.torch_backend import TorchBackend
-
-        def make_torch() -> Backend:
-            return TorchBackend(self.model, self.dataset, settings.device)
-
-        return make_torch
+    def _reference_latency(self, point: Point) -> float:
+        return self.profile.estimate(point, self.profile.reference_shape(point), 1)
 
     def _publish_info(self) -> None:
-        import onnxruntime
-
-        self.metrics.set_build_info(__version__, torch.__version__, onnxruntime.__version__)
-        self.metrics.model_info.labels(self.model_name, self.weights, str(self.num_classes),
-                                       self.settings.backend, self.settings.device).set(1)
-        self.metrics.workers_alive.labels(self.model_name).set(self.pool.alive_count)
+        torch_version, ort_version = self.versions
+        self.metrics.set_build_info(__version__, torch_version, ort_version)
+        for served in self.models.values():
+            self.metrics.model_info.labels(served.name, served.spec.name, served.weights, served.task,
+                                           str(served.meta.num_classes), self.settings.backend,
+                                           self.settings.device).set(1)
+        self.metrics.workers_alive.set(self.workers.alive_count)
 
     # ----- lookups used per request -----
-    def level(self, name: str) -> IsrLevel:
-        return level_by_name(name, tuple(self.levels))
+    def served(self, point: Point) -> ServedModel:
+        return self.models[point.model]
 
-    def predictor_input_size(self, height: int, width: int) -> Shape:
-        return network_input_size(height, width, self.dataset)
+    def shape_of(self, point: Point, image_size: Shape) -> Shape:
+        return self.models[point.model].shape_of(point, image_size)
 
-    def gmacs(self, level: IsrLevel, shape: Shape) -> float:
-        """GMACs per image; a new shape is counted in the background, meanwhile scaled by pixel count."""
-        key = (level.name, shape)
-        if key in self._gmacs_cache:
-            return self._gmacs_cache[key]
-        calibration = (level.name, tuple(self.settings.calibration_shape))
-        with self._gmacs_lock:
-            if key not in self._gmacs_pending:
-                self._gmacs_pending.add(key)
-                self._gmacs_executor.submit(self._count_gmacs, level, shape)
-        if calibration[1] == shape or calibration not in self._gmacs_cache:
-            return self._count_gmacs(level, shape)
-        scale = (shape[0] * shape[1]) / (calibration[1][0] * calibration[1][1])
-        return self._gmacs_cache[calibration] * scale
+    def fits(self, point: Point, shape: Shape) -> bool:
+        return self.models[point.model].fits(point, shape)
 
-    def _count_gmacs(self, level: IsrLevel, shape: Shape) -> float:
-        value = gmacs_for(self.model_name, self.num_classes, shape[0], shape[1], level.isr)
-        self._gmacs_cache[(level.name, shape)] = value
-        return value
+    def ladder(self, task: str, model: str | None = None) -> list[Point]:
+        return self.pools[task].ladder(model)
 
-    def observe_overhead(self, seconds: float) -> None:
-        self.overhead_s = seconds if self.overhead_s == 0 else 0.8 * self.overhead_s + 0.2 * seconds
+    def gmacs(self, point: Point, shape: Shape) -> float:
+        served = self.models[point.model]
+        reference = self.profile.reference_shape(point)
+        num_classes = served.meta.num_classes
+        if shape == reference:
+            return self.gmac_table.exact(served.spec.name, num_classes, shape, point.level)
+        return self.gmac_table.estimate(served.spec.name, num_classes, shape, point.level, reference)
 
     # ----- calibration and lifecycle -----
+    def _profile_location(self, served: ServedModel) -> tuple[dict[str, object], Path | None]:
+        key = profile_key(served, self.settings, self.threads, self.versions)
+        return key, profile_path(self.settings, served, key)
+
     def calibrate(self) -> None:
-        """Measure each level's batch latency at the calibration shape on a real backend (blocking)."""
-        settings = self.settings
-        height, width = settings.calibration_shape
-        sizes = sorted({b for b in settings.calibration_batch_sizes if b <= settings.max_batch_size} | {1})
-        worker = self.pool.workers[0]
-        steps = [(level, b) for level in self.levels for b in sizes]
-        log.info("calibrating %d levels x batch sizes %s at %dx%d on the %s backend", len(self.levels), sizes,
-                 height, width, settings.backend)
-        images = calibration_images(max(sizes), height, width)
-        with tqdm(steps, desc="calibration", unit="step", file=sys.stderr, mininterval=1.0) as bar:
-            for level, batch in bar:
-                self._count_gmacs(level, (height, width))
-                batch_images = images[:batch]
-                worker.run(batch_images, level.isr, [(height, width)] * batch)  # warm-up
-                times = []
-                for _ in range(settings.calibration_repeats):
-                    start = time.perf_counter()
-                    worker.run(batch_images, level.isr, [(height, width)] * batch)
-                    times.append(time.perf_counter() - start)
-                seconds = statistics.median(times)
-                self.profile.set(level, batch, seconds)
-                bar.set_postfix_str(f"{level.name} b={batch} {seconds * 1e3:.0f} ms")
+        """Load each model's saved profile, or measure its anchors on a real worker (blocking)."""
+        worker = self.workers.workers[0]
+        for served in self.models.values():
+            key, path = self._profile_location(served)
+            if path is not None and self.profile.load(path, served.name, key, served.points):
+                log.info("%s: latency profile loaded from %s (no calibration needed)", served.name, path)
+                warm_up(served, self.profile, worker, self.settings)
+                continue
+            calibrate(served, self.profile, worker, self.settings)
+            if path is not None:
+                self.profile.save(path, served.name, key)
+        for pool in self.pools.values():
+            pool.invalidate()
+            log.info("pool %s: ladder %s", pool.task, ", ".join(
+                f"{p.name} ({p.quality:.1f}, {self._reference_latency(p) * 1e3:.0f} ms)" for p in pool.ladder()))
+        self.gmac_table.save()
         self.publish_profile()
         self.calibrated = True
-        log.info("calibration done: %s", {name: {b: round(s * 1e3, 1) for b, s in row.items()}
-                                           for name, row in self.profile.table().items()})
+
+    def save_profiles(self) -> None:
+        for served in self.models.values():
+            key, path = self._profile_location(served)
+            if path is not None and self.calibrated:
+                try:
+                    self.profile.save(path, served.name, key)
+                except OSError as exc:
+                    log.warning("could not save the latency profile %s: %s", path, exc)
 
     def publish_profile(self) -> None:
         for name, row in self.profile.table().items():
+            model = name.split("/", 1)[0]
             for batch, seconds in row.items():
-                self.metrics.calibrated_latency.labels(self.model_name, name, str(batch)).set(seconds)
+                self.metrics.calibrated_latency.labels(model, name, str(batch)).set(seconds)
 
     async def start(self) -> None:
         """Calibrate off the event loop, then start scheduling; readiness follows."""
@@ -211,7 +181,7 @@ class Runtime:
         self.update_ready()
 
     def update_ready(self) -> bool:
-        self.ready = self.calibrated and not self.draining and self.pool.alive_count > 0
+        self.ready = self.calibrated and not self.draining and self.workers.alive_count > 0
         self.metrics.ready.set(1 if self.ready else 0)
         return self.ready
 
@@ -229,5 +199,18 @@ class Runtime:
         if self._scheduler_task is not None:
             await asyncio.gather(self._scheduler_task, return_exceptions=True)
         await self.cache.close()
-        self.pool.shutdown()
-        self._gmacs_executor.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown()
+        self.save_profiles()
+        self.gmac_table.close()
+
+
+def _announce_weights(served: ServedModel) -> None:
+    if served.weights == "random":
+        log.warning("=" * 72)
+        log.warning("NO CHECKPOINT: %s runs with RANDOMLY INITIALIZED weights; masks are meaningless.", served.name)
+        log.warning("Give it a checkpoint (--checkpoint, --model NAME:PATH or the config file).")
+        log.warning("=" * 72)
+    elif served.weights == "demo":
+        log.warning("DEMO WEIGHTS: %s serves weights trained on SYNTHETIC SCENES (%d demo classes: %s), not on a "
+                    "real dataset; give it a checkpoint for real images.", served.name, served.meta.num_classes,
+                    ", ".join(served.meta.class_names))

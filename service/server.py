@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 import uvicorn
 
@@ -45,9 +46,29 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings) -> None:
+def build_runtime(settings: Settings) -> Runtime | None:
+    """The runtime, or None after one clear line on stderr for a user error (config, checkpoint, model name).
+
+    The traceback is logged only at debug level: a wrong path or name is not a crash.
+    """
+    from models.checkpoint import CheckpointError
+    from service.repository import ConfigError
+
+    try:
+        return Runtime(settings)
+    except (ConfigError, CheckpointError, KeyError, FileNotFoundError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        log.debug("start-up failed", exc_info=True)
+        print(f"segserve serve: error: {message}", file=sys.stderr)
+        return None
+
+
+def serve(settings: Settings) -> int:
+    """Run until a signal; the exit code (2 for a start-up error the user can fix)."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runtime = Runtime(settings)
+    runtime = build_runtime(settings)
+    if runtime is None:
+        return 2
     app = create_app(settings, runtime=runtime)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
@@ -69,3 +90,4 @@ def serve(settings: Settings) -> None:
                 await server.grpc_server.stop(grace=0)
 
     asyncio.run(main())
+    return 0

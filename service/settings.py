@@ -23,11 +23,30 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one).")
     grpc_port: int | None = Field(None, ge=0, le=65535, description="gRPC port; unset means no gRPC server.")
 
-    # --- model ---
+    # --- models: one config file, repeated --model NAME[:CHECKPOINT], or the single model below ---
+    config: str | None = Field(
+        None, description="Model repository file (TOML or YAML): several models served at once (see README)."
+    )
+    models: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Models to serve as NAME[:CHECKPOINT], comma-separated in the environment "
+        "(the CLI's repeated --model); unset = the single `model` below.",
+    )
     model: str = Field("edaformer-t", description="Registered model name (see `models.list_models()`).")
-    checkpoint: str | None = Field(None, description="Checkpoint path (.pth or .safetensors); unset = random weights.")
-    dataset: Literal["ade20k", "cityscapes", "coco-stuff"] = Field(
-        "ade20k", description="Class names, palette and test pipeline, unless the checkpoint's meta overrides them."
+    checkpoint: str | None = Field(
+        None, description="Checkpoint path (.pth, .bin or .safetensors); unset = the demo weights where the model has "
+        "them, else random weights.",
+    )
+    random_weights: bool = Field(False, description="Serve random weights even where demo weights exist.")
+    dataset: Literal["ade20k", "cityscapes", "coco-stuff", "demo"] | None = Field(
+        None, description="Class names, palette and test pipeline, unless the checkpoint's meta overrides them "
+        "(unset: from the checkpoint, else ADE20K).",
+    )
+    scales: Annotated[tuple[float, ...], NoDecode] = Field(
+        (1.0, 0.75, 0.5), description="Input scales offered as operating points (1.0 = the dataset's reference scale)."
+    )
+    quality_table: str | None = Field(
+        None, description="Quality table (JSON from `segserve evaluate`) for the single model; measured values replace "
+        "the planner's priors.",
     )
     resize_scale: Annotated[tuple[int, int] | None, NoDecode] = Field(
         None,
@@ -41,7 +60,7 @@ class Settings(BaseSettings):
         None, ge=1, le=256, description="Intra-op threads per worker; unset = cores // workers (at least 1)."
     )
     levels: str | None = Field(
-        None, description="Comma-separated ISR level names to serve (default: the whole ladder)."
+        None, description="Comma-separated knob level names to serve (default: the model's whole ladder)."
     )
 
     # --- planner and batching ---
@@ -51,7 +70,11 @@ class Settings(BaseSettings):
     calibration_batch_sizes: Annotated[tuple[int, ...], NoDecode] = Field(
         (1, 2, 4), description="Batch sizes measured per level (those above max_batch_size are skipped)."
     )
-    calibration_repeats: int = Field(2, ge=1, le=50, description="Timed runs per (level, batch size); median kept.")
+    calibration_repeats: int = Field(2, ge=1, le=50, description="Timed runs per anchor and batch size; median kept.")
+    profile_dir: str | None = Field(
+        "~/.cache/segserve/profiles", description="Where calibrated latency profiles persist (keyed by machine, "
+        "backend, model and weights), so that a restart is ready at once; empty = never persist.",
+    )
     max_batch_size: int = Field(4, ge=1, le=64, description="Largest batch a worker runs.")
     max_queue_delay_ms: float = Field(
         2.0, ge=0, le=10_000,
@@ -66,7 +89,8 @@ class Settings(BaseSettings):
         30.0, gt=0, le=3600, description="Hard bound on any request's wait: past it, a queued request gets 504."
     )
     onnx_cache_dir: str = Field(
-        "/tmp/segserve-onnx", description="Where the onnx backend keeps its exported graphs (one per level)."
+        "~/.cache/segserve/onnx", description="Where exported ONNX graphs are kept (one per model, weights and level), "
+        "shared by the server and `segserve export-onnx`/`bench`.",
     )
 
     # --- input limits ---
@@ -87,7 +111,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Python logging level.")
 
     @field_validator("checkpoint", "redis_url", "grpc_port", "resize_scale", "threads_per_worker", "levels",
-                     mode="before")
+                     "config", "quality_table", "dataset", "profile_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # Compose and Kubernetes pass unset variables as "": treat that as "not set", not as a path.
@@ -109,4 +133,25 @@ class Settings(BaseSettings):
     def _parse_sizes(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(int(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("scales", mode="before")
+    @classmethod
+    def _parse_scales(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(float(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("scales")
+    @classmethod
+    def _check_scales(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0 < s <= 4 for s in value):
+            raise ValueError(f"scales must be numbers in (0, 4], got {value}")
+        return tuple(sorted(set(value), reverse=True))
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
         return value

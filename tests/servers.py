@@ -1,7 +1,8 @@
 """Start real segserve processes for tests: `python -m service serve` under uvicorn, on free ports.
 
 Servers use EDAFormer-T with random weights and a small serving scale (short side 128) so that every
-request runs the real model quickly on a 2-core machine.
+request runs the real model quickly on a 2-core machine. Each server keeps its latency profile in a private
+directory, so that tests never share or reuse another run's calibration.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +24,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Small but real: every level of the ladder fits a 128-pixel short side.
+# Small but real: every level of the ladder fits a 128-pixel short side. Random weights with the ADE20K classes
+# (not the demo weights), so that the tests know the label space; tests of the demo weights say so.
 FAST_SETTINGS = {
+    "SEGSERVE_RANDOM_WEIGHTS": "true",
     "SEGSERVE_RESIZE_SCALE": "512x128",
     "SEGSERVE_CALIBRATION_SHAPE": "128x160",
     "SEGSERVE_CALIBRATION_BATCH_SIZES": "1,2,4",
@@ -68,7 +72,9 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, ready_timeout_s: float = 240.0) -> ServerProcess:
-        env = {**os.environ, **FAST_SETTINGS, **self.env, "SEGSERVE_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
+        profile_dir = tempfile.mkdtemp(prefix="segserve-profiles-")
+        env = {**os.environ, **FAST_SETTINGS, "SEGSERVE_PROFILE_DIR": profile_dir, **self.env,
+               "SEGSERVE_PORT": str(self.port), "PYTHONUNBUFFERED": "1"}
         if self.grpc_port is not None:
             env["SEGSERVE_GRPC_PORT"] = str(self.grpc_port)
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"segserve-test-{self.port}.log"

@@ -13,10 +13,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from service.describe import describe
 from service.errors import BadInput, InvalidParameter, PayloadTooLarge, UnsupportedFormat
 from service.images import ALLOWED_CONTENT_TYPES
 from service.metrics import METRICS_CONTENT_TYPE
-from service.pipeline import Pipeline, Receipt, SegmentRequest
+from service.pipeline import Pipeline, SegmentRequest
 from service.runtime import Runtime
 
 router = APIRouter()
@@ -80,24 +81,6 @@ def parse_bool(name: str, value: str | None) -> bool:
     raise InvalidParameter(f"{name} must be true or false, got {value!r}", code="invalid_parameter")
 
 
-def receipt_headers(receipt: Receipt) -> dict[str, str]:
-    headers = {
-        "X-Segserve-Model": receipt.model,
-        "X-Segserve-Level": receipt.level,
-        "X-Segserve-Queue-Ms": f"{receipt.queue_ms:.3f}",
-        "X-Segserve-Compute-Ms": f"{receipt.compute_ms:.3f}",
-        "X-Segserve-Total-Ms": f"{receipt.total_ms:.3f}",
-        "X-Segserve-Batch-Size": str(receipt.batch_size),
-        "X-Segserve-Cache": receipt.cache,
-        "X-Segserve-Plan": receipt.plan_reason,
-        "Server-Timing": (f"queue;dur={receipt.queue_ms:.3f}, compute;dur={receipt.compute_ms:.3f}, "
-                          f"total;dur={receipt.total_ms:.3f}"),
-    }
-    if receipt.budget_met is not None:
-        headers["X-Segserve-Budget-Met"] = "true" if receipt.budget_met else "false"
-    return headers
-
-
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -105,7 +88,8 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 SEGMENT_DOC = """Segment one image. The body is the raw image (image/jpeg, image/png, image/webp) or a
 multipart/form-data field `image`. The response is the mask (a PNG label map by default) with a receipt of
-what was spent in the `X-Segserve-*` headers."""
+what was spent in the `X-Segserve-*` headers. `/v1/segment` lets the planner choose any model of the task's
+pool; `/v1/models/{model}/segment` restricts the choice to one model."""
 
 
 @router.post("/v1/segment", summary="Segment an image", description=SEGMENT_DOC,
@@ -116,11 +100,17 @@ async def segment(
     request: Request,
     runtime: RuntimeDep,
     model: str | None = None,
+    task: Annotated[str | None, Query(description="Label space whose pool may answer (default: the default "
+                                      "model's, e.g. ade20k).")] = None,
     latency_budget_ms: Annotated[
         str | None, Query(description="Latency budget in ms (also the header X-Latency-Budget-Ms).")
     ] = None,
-    quality: Annotated[str | None, Query(description="fast, balanced, best, or 0..1; caps the level.")] = None,
-    level: Annotated[str | None, Query(description="A level name from /v1/models; bypasses the planner.")] = None,
+    quality: Annotated[str | None, Query(description="fast, balanced, best, or 0..1; caps the quality of the "
+                                         "point chosen (1 = any, 0 = only the cheapest).")] = None,
+    level: Annotated[str | None, Query(description="A knob level of the model (e.g. 2211-222), at scale 1; "
+                                       "bypasses the planner.")] = None,
+    point: Annotated[str | None, Query(description="An operating point from /v1/models (model/level@scale); "
+                                       "bypasses the planner.")] = None,
     format: Annotated[str, Query(description="png (default), color, rle or json.")] = "png",
     strict: Annotated[str | None, Query(description="true: refuse at once (503) if the budget cannot be met.")] = None,
     timeout_ms: Annotated[str | None, Query(description="Hard deadline; past it a queued request gets 504.")] = None,
@@ -131,9 +121,11 @@ async def segment(
     segment_request = SegmentRequest(
         image=image_from_body(body, request.headers.get("content-type", "")),
         model=model,
+        task=task or None,
         budget_ms=parse_ms("latency_budget_ms", latency_budget_ms or x_latency_budget_ms),
         quality=quality,
-        level=level,
+        level=level or None,
+        point=point or None,
         format=format,
         strict=parse_bool("strict", strict),
         timeout_ms=parse_ms("timeout_ms", timeout_ms or x_request_timeout_ms),
@@ -152,28 +144,12 @@ async def segment(
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     gone.cancel()
     result = work.result()
-    return Response(result.body, media_type=result.content_type, headers=receipt_headers(result.receipt))
+    return Response(result.body, media_type=result.content_type, headers=result.receipt.headers())
 
 
-@router.get("/v1/models", summary="Served models, their classes and ISR levels with GMACs and latency")
+@router.get("/v1/models", summary="Served models, their operating points (GMACs, latency, quality) and the ladders")
 async def list_models(runtime: RuntimeDep) -> JSONResponse:
-    shape = tuple(runtime.settings.calibration_shape)
-    table = runtime.profile.table()
-    levels = [
-        {
-            "name": level.name,
-            "rank": level.rank,
-            "isr": {"encoder": list(level.isr.encoder), "decoder": list(level.isr.decoder)},
-            "gmacs": round(await asyncio.to_thread(runtime.gmacs, level, shape), 3),
-            "latency_ms": {str(b): round(s * 1e3, 2) for b, s in table.get(level.name, {}).items()},
-        }
-        for level in runtime.levels
-    ]
-    return JSONResponse({"models": [{
-        "name": runtime.model_name, "classes": runtime.class_names, "num_classes": runtime.num_classes,
-        "dataset": runtime.dataset.name, "weights": runtime.weights, "backend": runtime.settings.backend,
-        "device": runtime.settings.device, "calibration_shape": list(shape), "levels": levels,
-    }]})
+    return JSONResponse(await asyncio.to_thread(describe, runtime))
 
 
 @router.get("/healthz", summary="The process is alive")
@@ -185,7 +161,7 @@ async def healthz() -> dict:
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     ready = runtime.update_ready()
     detail = {"calibrated": runtime.calibrated, "draining": runtime.draining,
-              "workers_alive": runtime.pool.alive_count}
+              "workers_alive": runtime.workers.alive_count}
     return JSONResponse({"status": "ready" if ready else "not ready", **detail}, status_code=200 if ready else 503)
 
 

@@ -1,17 +1,18 @@
-"""Dynamic batching: bounded queues per plan key, batches closed on size, wait or deadline.
+"""Dynamic batching: bounded queues of compatible requests, batches closed on size, wait or deadline.
 
-Requests with a budget and the same input shape share a queue (their level is chosen at dispatch); those
-without a budget, or with an explicit level, queue by (level, shape). A queue's batch is ready when it is full,
-when its oldest request has waited `max_queue_delay`, or when its earliest budget deadline minus the
-predicted batch compute is now. Ready batches go to idle workers, earliest deadline first. A request
-whose hard deadline passes while queued is answered 504 and never computed; one whose caller went away
-(its future was cancelled) is dropped without compute.
+Queued requests hold decoded pixels; nothing is preprocessed until dispatch, because only then is the point
+decided. Requests queue together when one batch can serve them: the same pool (or model restriction), the
+same explicit point if any, budgeted or not, and the same image size (so every member has the same network
+input at whatever point is chosen). A queue's batch is ready when it is full, when its oldest request has
+waited `max_queue_delay`, or when its earliest budget deadline minus the predicted batch compute is now.
+Ready batches go to idle workers, earliest deadline first.
 
-The level is bound late: the admission plan is a forecast, and when a batch is dispatched the scheduler
-picks, from what it knows then, the best level at which every budgeted member is predicted to finish in
-time (never better than a member's quality cap, never changing an explicitly requested level). A burst
-that arrived after admission therefore downgrades the queued work instead of making it late, and a
-backlog that cleared up upgrades it.
+At dispatch the planner (the same one that planned admission) picks the point for the batch from what is
+known then: the best point at which every budgeted member is predicted to finish by its budget. A full batch
+is the most efficient, but it can take longer than the tightest member has left; then the largest
+deadline-ordered prefix that fits goes first. No member is ever dispatched when it is predicted to finish past
+its hard deadline (`timeout_ms`): it is answered 504 without compute. A request whose hard deadline passes
+while queued is answered 504; one whose caller went away is dropped without compute.
 
 The scheduler decides; workers execute: `run()` reads schedule -> dispatch -> wait.
 """
@@ -25,52 +26,52 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from models.isr import IsrLevel
 from service.errors import DeadlineExpired, InferenceFailed, QueueFull, Unavailable
 from service.metrics import Metrics
-from service.planner import LatencyProfile, Shape
-from service.workers.pool import Worker, WorkerPool
+from service.planner import Demand, Load, NoPointFits, Plan, Planner
+from service.points import Point
+from service.workers.pool import BatchJob, Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 _sequence = itertools.count()
+Shape = tuple[int, int]
+QueueKey = tuple[str, str, str, bool, Shape]  # pool, model restriction, explicit point, budgeted, image size
 
 
 @dataclass
 class ItemResult:
     labels: np.ndarray
-    level: IsrLevel  # the level the batch actually ran at
+    plan: Plan  # the dispatch plan the batch ran at
     queue_s: float
-    compute_s: float  # the whole batch's forward + postprocess
+    compute_s: float  # the whole batch's preprocess + forward + postprocess
     batch_size: int
+    stats: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
 class WorkItem:
-    images: torch.Tensor  # (1, 3, H, W), preprocessed
-    original_size: tuple[int, int]
-    level: IsrLevel  # planned at admission; the batch may run at another (see module docstring)
+    pixels: np.ndarray  # decoded RGB uint8 (h, w, 3); may be smaller than the original (reduced decoding)
+    original_size: Shape  # (H, W) of the image and of the mask to return
+    pool: str
+    model: str | None  # restrict to this served model (None: any model of the pool)
+    admitted: Plan  # the admission forecast: the backlog estimate counts this item at this point
     budget_deadline: float | None  # monotonic; soft: closes batches early, decides budget_met
-    hard_deadline: float  # monotonic; past it the request is answered 504 without compute
+    hard_deadline: float  # monotonic; past it (or predicted past it) the request is answered 504 uncomputed
     future: asyncio.Future = field(repr=False)
-    best_rank: int = 0  # the quality cap: the best level this request may run at
-    pinned: bool = False  # an explicitly requested level: never re-planned
+    quality: float | None = None  # the quality cap, 0..1
+    explicit: Point | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     order: int = field(default_factory=lambda: next(_sequence))
 
     @property
-    def shape(self) -> Shape:
-        return (int(self.images.shape[-2]), int(self.images.shape[-1]))
-
-    @property
-    def queue_key(self) -> tuple[str, Shape]:
-        """Budgeted requests batch by shape alone: the dispatch picks one level that suits them all."""
-        late_bound = self.budget_deadline is not None and not self.pinned
-        return ("auto" if late_bound else self.level.name, self.shape)
+    def queue_key(self) -> QueueKey:
+        explicit = self.explicit.name if self.explicit else ""
+        return (self.pool, self.model or "", explicit, self.budget_deadline is not None, self.original_size)
 
     @property
     def sort_deadline(self) -> float:
@@ -81,26 +82,30 @@ class Scheduler:
     def __init__(
         self,
         pool: WorkerPool,
-        profile: LatencyProfile,
+        planner: Planner,
+        ladder: Callable[[str, str | None], list[Point]],
+        estimate: Callable[[Point, Shape, int], float],
+        observe: Callable[[Point, Shape, int, float], None],
         metrics: Metrics,
-        model_name: str,
         *,
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
-        levels: list[IsrLevel] | None = None,
         safety_margin: float = 0.0,
+        post_overhead_s: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.pool = pool
-        self.profile = profile
+        self.planner = planner
+        self._ladder = ladder
+        self._estimate = estimate
+        self._observe = observe
         self.metrics = metrics
-        self.model_name = model_name
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
-        self.levels = sorted(levels or profile.levels, key=lambda level: level.rank)
         self.safety_margin = safety_margin
-        self._queues: dict[tuple[str, Shape], deque[WorkItem]] = {}
+        self._post_overhead_s = post_overhead_s
+        self._queues: dict[QueueKey, deque[WorkItem]] = {}
         self._running_until: dict[int, float] = {}  # batch id -> predicted end (monotonic)
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -118,21 +123,21 @@ class Scheduler:
         """Predicted seconds until a newly queued request reaches a worker."""
         now = time.monotonic()
         remaining = sum(max(0.0, end - now) for end in self._running_until.values())
-        for (_, shape), queue in self._queues.items():
+        for queue in self._queues.values():
             if queue:
-                level = queue[0].level
+                plan = queue[0].admitted
                 batches = math.ceil(len(queue) / self.max_batch_size)
                 per_batch = min(len(queue), self.max_batch_size)
-                remaining += batches * self.profile.estimate(level, shape, per_batch)
+                remaining += batches * self._estimate(plan.point, plan.shape, per_batch)
         return remaining / max(1, self.pool.alive_count)
 
     def submit(self, item: WorkItem) -> None:
         if not self._accepting:
-            self.metrics.rejected.labels(self.model_name, "draining").inc()
+            self.metrics.rejected.labels(item.admitted.point.model, "draining").inc()
             raise Unavailable("the server is shutting down; retry on another replica", retry_after_s=1.0,
                               code="shutting_down")
         if self.queued() >= self.max_queue_size:
-            self.metrics.rejected.labels(self.model_name, "queue_full").inc()
+            self.metrics.rejected.labels(item.admitted.point.model, "queue_full").inc()
             raise QueueFull(f"the queue is full ({self.max_queue_size} requests); retry shortly",
                             retry_after_s=max(1.0, math.ceil(self.backlog_s())))
         self._queues.setdefault(item.queue_key, deque()).append(item)
@@ -154,26 +159,30 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
+    def _expire(self, item: WorkItem, now: float, why: str) -> None:
+        self.metrics.rejected.labels(item.admitted.point.model, "deadline_expired").inc()
+        item.future.set_exception(DeadlineExpired(
+            f"{why} after {1e3 * (now - item.enqueued_at):.0f} ms in the queue; it was not computed"))
+
     def _drop_dead(self, now: float) -> None:
         for key, queue in self._queues.items():
             kept = deque()
             for item in queue:
                 if item.future.done():  # cancelled: the caller went away
-                    self.metrics.rejected.labels(self.model_name, "client_gone").inc()
+                    self.metrics.rejected.labels(item.admitted.point.model, "client_gone").inc()
                 elif now >= item.hard_deadline:
-                    self.metrics.rejected.labels(self.model_name, "deadline_expired").inc()
-                    item.future.set_exception(DeadlineExpired(
-                        f"the request's deadline passed after {1e3 * (now - item.enqueued_at):.0f} ms in the "
-                        "queue; it was not computed"))
+                    self._expire(item, now, "the request's deadline passed")
                 else:
                     kept.append(item)
             self._queues[key] = kept
         self._publish_depth()
 
-    def _batch_estimate(self, key: tuple[str, Shape], queue: deque[WorkItem]) -> float:
-        return self.profile.estimate(queue[0].level, key[1], min(len(queue), self.max_batch_size))
+    def _cheapest_estimate(self, key: QueueKey, queue: deque[WorkItem]) -> float:
+        """Compute of the next batch at the queue's admission point: when to close it before its deadline."""
+        plan = queue[0].admitted
+        return self._estimate(plan.point, plan.shape, min(len(queue), self.max_batch_size))
 
-    def _ready_at(self, key: tuple[str, Shape], queue: deque[WorkItem]) -> float:
+    def _ready_at(self, key: QueueKey, queue: deque[WorkItem]) -> float:
         """When this queue's next batch should close."""
         if len(queue) >= self.max_batch_size:
             return -math.inf
@@ -181,10 +190,10 @@ class Scheduler:
         ready = oldest + self.max_queue_delay_s
         deadlines = [item.budget_deadline for item in queue if item.budget_deadline is not None]
         if deadlines:
-            ready = min(ready, min(deadlines) - self._batch_estimate(key, queue))
+            ready = min(ready, min(deadlines) - self._cheapest_estimate(key, queue))
         return ready
 
-    def _next_ready(self, now: float) -> tuple[str, Shape] | None:
+    def _next_ready(self, now: float) -> QueueKey | None:
         ready = [
             (min(item.sort_deadline for item in queue), min(item.order for item in queue), key)
             for key, queue in self._queues.items()
@@ -204,80 +213,102 @@ class Scheduler:
             return None
         return max(0.0005, min(times) - now)
 
-    def _dispatch(self, key: tuple[str, Shape]) -> None:
+    # ----- dispatch -----
+    def _demand(self, items: list[WorkItem], now: float) -> Demand:
+        head = items[0]
+        budgets = [item.budget_deadline for item in items if item.budget_deadline is not None]
+        caps = [item.quality for item in items if item.quality is not None]
+        return Demand(
+            candidates=self._ladder(head.pool, head.model), image_size=head.original_size, batch_size=len(items),
+            slack_s=min(budgets) - now if budgets else None, quality=min(caps) if caps else None,
+            explicit=head.explicit,
+        )
+
+    def _within_hard_deadline(self, items: list[WorkItem], plan: Plan, now: float) -> bool:
+        return plan.predicted_s <= min(item.hard_deadline for item in items) - now
+
+    def _form_batch(self, items: list[WorkItem], now: float) -> tuple[list[WorkItem], Plan] | None:
+        """The largest deadline-ordered prefix that some point finishes in time, and the plan for it.
+
+        When no prefix makes its budget, the whole batch runs at the fallback (cheapest) point: it is late
+        anyway, and that frees the worker soonest; but never past a member's hard deadline. None when even one
+        request alone cannot finish before its hard deadline (it is then answered 504).
+        """
+        load = Load(0.0, self._post_overhead_s(), self.safety_margin)
+        fallback: tuple[list[WorkItem], Plan] | None = None
+        for size in range(len(items), 0, -1):
+            prefix = items[:size]
+            plan = self.planner.plan(self._demand(prefix, now), load)
+            if not self._within_hard_deadline(prefix, plan, now):
+                continue
+            if plan.feasible:
+                return prefix, plan
+            if fallback is None:
+                fallback = (prefix, plan)
+        return fallback
+
+    def _dispatch(self, key: QueueKey) -> None:
         queue = self._queues[key]
+        now = time.monotonic()
         ordered = sorted(queue, key=lambda item: (item.sort_deadline, item.order))
-        batch, level = self._form_batch(ordered[: self.max_batch_size], key[1], time.monotonic())
+        try:
+            formed = self._form_batch(ordered[: self.max_batch_size], now)
+        except NoPointFits as exc:  # cannot happen after admission checked it; fail the requests, not the loop
+            formed = None
+            for item in ordered[: self.max_batch_size]:
+                queue.remove(item)
+                item.future.set_exception(InferenceFailed(str(exc)))
+            self._publish_depth()
+            return
+        if formed is None:  # the most urgent request cannot finish before its hard deadline at any point
+            head = ordered[0]
+            queue.remove(head)
+            self._expire(head, now, "the request could not finish before its deadline at any point")
+            self._publish_depth()
+            return
+        batch, plan = formed
         self._queues[key] = deque(item for item in queue if item not in batch)
         self._publish_depth()
         worker = self.pool.acquire()
         batch_id = next(_sequence)
-        self._running_until[batch_id] = time.monotonic() + self.profile.estimate(level, key[1], len(batch))
-        task = asyncio.create_task(self._execute(worker, batch, batch_id, level))
+        self._running_until[batch_id] = now + self._estimate(plan.point, plan.shape, len(batch))
+        task = asyncio.create_task(self._execute(worker, batch, batch_id, plan))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _form_batch(self, candidates: list[WorkItem], shape: Shape, now: float) -> tuple[list[WorkItem], IsrLevel]:
-        """The largest deadline-ordered prefix that some level finishes in time, and the best such level.
-
-        A full batch is the most efficient, but a batch of 4 can take longer than the tightest member's
-        remaining budget; then fewer, more urgent requests go first. When no prefix can make it, the whole
-        batch runs at the cheapest allowed level: it is late anyway, and that frees the worker soonest.
-        """
-        for size in range(len(candidates), 0, -1):
-            level, feasible = self._dispatch_level(candidates[:size], shape, now)
-            if feasible:
-                return candidates[:size], level
-        return candidates, self._dispatch_level(candidates, shape, now)[0]
-
-    def _dispatch_level(self, batch: list[WorkItem], shape: Shape, now: float) -> tuple[IsrLevel, bool]:
-        """The best level at which every budgeted member is predicted to finish by its deadline."""
-        planned = batch[0].level
-        if any(item.pinned for item in batch):
-            return planned, True
-        deadlines = [item.budget_deadline for item in batch if item.budget_deadline is not None]
-        if not deadlines:
-            return planned, True
-        slack = min(deadlines) - now
-        cap = max(item.best_rank for item in batch)
-        allowed = [level for level in self.levels if level.rank >= cap and level.isr.fits(*shape)] or [planned]
-        for level in allowed:
-            if self.profile.estimate(level, shape, len(batch)) * (1 + self.safety_margin) <= slack:
-                return level, True
-        return allowed[-1], False
-
-    async def _execute(self, worker: Worker, batch: list[WorkItem], batch_id: int, level: IsrLevel) -> None:
-        shape = batch[0].shape
+    async def _execute(self, worker: Worker, batch: list[WorkItem], batch_id: int, plan: Plan) -> None:
+        point = plan.point
         started = time.monotonic()
+        job = BatchJob(point.model, point.level, plan.shape, [item.pixels for item in batch],
+                       [item.original_size for item in batch])
         try:
-            images = torch.cat([item.images for item in batch]) if len(batch) > 1 else batch[0].images
-            output = await self.pool.run(worker, images, level.isr, [item.original_size for item in batch])
+            output = await self.pool.run(worker, job)
         except Exception as exc:
-            log.exception("batch of %d at level %s failed on worker %d", len(batch), level.name, worker.index)
-            self.metrics.worker_failures.labels(self.model_name).inc()
+            log.exception("batch of %d at %s failed on worker %d", len(batch), point.name, worker.index)
+            self.metrics.worker_failures.labels(point.model).inc()
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}"))
         else:
-            compute_s = output.forward_s + output.postprocess_s
-            self.profile.observe(level, shape, len(batch), compute_s)
-            refined = self.profile.estimate(level, self.profile.calibration_shape, len(batch))
-            self.metrics.calibrated_latency.labels(self.model_name, level.name, str(len(batch))).set(refined)
-            self.metrics.batch_size.labels(self.model_name, level.name).observe(len(batch))
-            self.metrics.stage.labels("forward").observe(output.forward_s)
-            self.metrics.stage.labels("postprocess").observe(output.postprocess_s)
-            for item, labels in zip(batch, output.labels, strict=True):
+            compute_s = output.compute_s
+            self._observe(point, plan.shape, len(batch), compute_s)
+            self.metrics.batch_size.labels(point.model, point.name).observe(len(batch))
+            for stage, seconds in (("preprocess", output.preprocess_s), ("forward", output.forward_s),
+                                   ("postprocess", output.postprocess_s)):
+                self.metrics.stage.labels(stage).observe(seconds)
+            for index, (item, labels) in enumerate(zip(batch, output.labels, strict=True)):
                 if not item.future.done():
-                    item.future.set_result(
-                        ItemResult(labels, level, started - item.enqueued_at, compute_s, len(batch)))
+                    stats = {key: values[index] for key, values in output.stats.items()}
+                    item.future.set_result(ItemResult(labels, plan, started - item.enqueued_at, compute_s,
+                                                      len(batch), stats))
         finally:
             self._running_until.pop(batch_id, None)
             self.pool.release(worker)
-            self.metrics.workers_alive.labels(self.model_name).set(self.pool.alive_count)
+            self.metrics.workers_alive.set(self.pool.alive_count)
             self._wake.set()
 
     def _publish_depth(self) -> None:
-        self.metrics.queue_depth.labels(self.model_name).set(self.queued())
+        self.metrics.queue_depth.set(self.queued())
 
     # ----- lifecycle -----
     async def drain(self, timeout_s: float) -> bool:

@@ -23,9 +23,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.describe import describe
 from service.errors import DeadlineExpired, PayloadTooLarge, ServiceError
 from service.grpc.gen import segserve_pb2, segserve_pb2_grpc
-from service.pipeline import Pipeline, Receipt, SegmentRequest, SegmentResult
+from service.pipeline import Pipeline, SegmentRequest, SegmentResult
+from service.receipt import Receipt
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -45,10 +47,13 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def receipt_message(receipt: Receipt) -> segserve_pb2.Receipt:
     fields: dict[str, Any] = {
-        "model": receipt.model, "level": receipt.level, "isr": receipt.isr, "cache": receipt.cache,
+        "model": receipt.model, "level": receipt.level, "isr": receipt.knob_value, "cache": receipt.cache,
         "queue_ms": receipt.queue_ms, "compute_ms": receipt.compute_ms, "total_ms": receipt.total_ms,
         "batch_size": receipt.batch_size, "predicted_ms": receipt.predicted_ms, "plan_reason": receipt.plan_reason,
-        "height": receipt.height, "width": receipt.width,
+        "height": receipt.height, "width": receipt.width, "point": receipt.point, "knob": receipt.knob,
+        "knob_value": receipt.knob_value, "scale": receipt.scale, "quality": receipt.quality,
+        "quality_source": receipt.quality_source, "task": receipt.task,
+        "stats": {key: segserve_pb2.Values(values=values) for key, values in receipt.stats.items()},
     }
     # proto3 `optional`: left unset (HasField false) when the request carried no budget.
     if receipt.budget_ms is not None:
@@ -97,9 +102,11 @@ class SegmentationServicer(segserve_pb2_grpc.SegmentationServicer):
         return SegmentRequest(
             image=message.image,
             model=message.model or None,
+            task=message.task or None,
             budget_ms=budget_ms,
             quality=message.quality or None,
             level=message.level or None,
+            point=message.point or None,
             format=message.format or "png",
             strict=message.strict,
             timeout_ms=timeout_ms,
@@ -110,11 +117,12 @@ class SegmentationServicer(segserve_pb2_grpc.SegmentationServicer):
                       context: grpc.aio.ServicerContext) -> segserve_pb2.SegmentResponse:
         rt = self.runtime
         status = 500
+        answered_by = ""
         error: ServiceError | None = None
         rt.metrics.inflight.inc()
         try:
             result = await self.pipeline.segment(self.segment_request(request, context))
-            status = 200
+            status, answered_by = 200, result.receipt.model
             return segment_response(result)
         except ServiceError as exc:
             status, error = exc.http_status, exc
@@ -125,7 +133,7 @@ class SegmentationServicer(segserve_pb2_grpc.SegmentationServicer):
             log.exception("unhandled error in %s", SEGMENT_ROUTE)
         finally:
             rt.metrics.inflight.dec()
-            rt.metrics.requests.labels(SEGMENT_ROUTE, str(status), rt.model_name).inc()
+            rt.metrics.requests.labels(SEGMENT_ROUTE, str(status), answered_by).inc()
         if error is not None:
             await context.abort(error.grpc_code, error.message, trailing_metadata=error_metadata(error))
         await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
@@ -140,29 +148,47 @@ class SegmentationServicer(segserve_pb2_grpc.SegmentationServicer):
             status = 200
             return response
         finally:
-            rt.metrics.requests.labels(LIST_MODELS_ROUTE, str(status), rt.model_name).inc()
+            rt.metrics.requests.labels(LIST_MODELS_ROUTE, str(status), "").inc()
 
     async def list_models(self) -> segserve_pb2.ListModelsResponse:
         """The content of GET /v1/models."""
-        rt = self.runtime
-        shape = tuple(rt.settings.calibration_shape)
-        table = rt.profile.table()
-        levels = [
-            segserve_pb2.Level(
-                name=level.name,
-                rank=level.rank,
-                isr=segserve_pb2.IsrConfig(encoder=list(level.isr.encoder), decoder=list(level.isr.decoder)),
-                gmacs=round(await asyncio.to_thread(rt.gmacs, level, shape), 3),
-                latency_ms={b: round(s * 1e3, 2) for b, s in table.get(level.name, {}).items()},
-            )
-            for level in rt.levels
-        ]
-        model = segserve_pb2.Model(
-            name=rt.model_name, classes=list(rt.class_names), num_classes=rt.num_classes, dataset=rt.dataset.name,
-            weights=rt.weights, backend=rt.settings.backend, device=rt.settings.device,
-            calibration_shape=list(shape), levels=levels,
-        )
-        return segserve_pb2.ListModelsResponse(models=[model])
+        listing = await asyncio.to_thread(describe, self.runtime)
+        return list_models_message(listing)
+
+
+def _level_message(model: dict[str, Any], name: str, rank: int) -> segserve_pb2.Level:
+    point = next(p for p in model["points"] if p["level"] == name)
+    fields: dict[str, Any] = {"name": name, "rank": rank, "knob_value": point["knob_value"]}
+    if model["knob"] and model["knob"]["name"] == "isr":
+        encoder, decoder = ([*point["knob_value"].split("/"), "111"])[:2]
+        fields["isr"] = segserve_pb2.IsrConfig(encoder=[int(c) for c in encoder], decoder=[int(c) for c in decoder])
+    return segserve_pb2.Level(**fields)
+
+
+def list_models_message(listing: dict[str, Any]) -> segserve_pb2.ListModelsResponse:
+    """`service.describe.describe()` as the ListModels response."""
+    models = []
+    for model in listing["models"]:
+        points = [segserve_pb2.Point(
+            name=p["name"], model=p["model"], level=p["level"], knob_value=p["knob_value"], scale=p["scale"],
+            precision=p["precision"], network_input=p["network_input"], gmacs=p["gmacs"],
+            latency_ms={int(b): ms for b, ms in p["latency_ms"].items()}, quality=p["quality"],
+            quality_source=p["quality_source"], on_ladder=p["on_ladder"],
+        ) for p in model["points"]]
+        levels = model["knob"]["levels"] if model["knob"] else ["base"]
+        models.append(segserve_pb2.Model(
+            name=model["name"], classes=model["classes"], num_classes=model["num_classes"],
+            dataset=model["dataset"] or "", weights=model["weights"], backend=model["backend"],
+            device=model["device"], calibration_shape=model["calibration_shape"],
+            levels=[_level_message(model, name, rank) for rank, name in enumerate(levels)],
+            architecture=model["architecture"], family=model["family"], task=model["task"],
+            knob=model["knob"]["name"] if model["knob"] else "", scales=model["scales"], points=points,
+        ))
+    tasks = [segserve_pb2.Task(name=name, models=task["models"], ladder=task["ladder"])
+             for name, task in listing["tasks"].items()]
+    return segserve_pb2.ListModelsResponse(models=models, default_model=listing["default_model"],
+                                           default_task=listing["default_task"], tasks=tasks,
+                                           quality_prior=listing["quality_prior"])
 
 
 class GrpcServer:

@@ -1,67 +1,82 @@
-"""The worker pool: N workers, each a dedicated thread with its own backend.
+"""The worker pool: N workers, each a dedicated thread with one backend per served model.
 
-A failing batch fails only its own requests; a worker whose batches keep failing rebuilds its backend,
-and a worker that cannot rebuild it is dead. With no live worker, readiness turns 503.
+Workers execute what the scheduler decided: a `BatchJob` (a model, a knob level, a network input shape and
+the decoded images) runs on that model's backend, preprocessing included, off the event loop. A failing batch
+fails only its own requests; a worker whose batches keep failing rebuilds its backends, and a worker that
+cannot rebuild them is dead. With no live worker, readiness turns 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-from models.isr import IsrConfig
+from models.spec import Level
 from service.workers.backends.base import Backend, BatchOutput
 
 log = logging.getLogger(__name__)
 
-# After this many consecutive failed batches a worker rebuilds its backend (a wedged CUDA context,
+# After this many consecutive failed batches a worker rebuilds its backends (a wedged CUDA context,
 # a broken ORT session); one bad input should not cost a rebuild.
 REBUILD_AFTER_FAILURES = 3
+Shape = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One batch to run: every image is preprocessed to `shape` and run at `level` on `model`'s backend."""
+
+    model: str
+    level: Level
+    shape: Shape  # network input (H, W)
+    pixels: list[np.ndarray]  # RGB uint8 (h, w, 3), any size: resized to `shape` in the worker
+    original_sizes: list[Shape]  # (H, W) of each mask to return
 
 
 class Worker:
-    def __init__(self, index: int, factory: Callable[[], Backend]) -> None:
+    def __init__(self, index: int, factories: Mapping[str, Callable[[], Backend]]) -> None:
         self.index = index
-        self._factory = factory
+        self._factories = dict(factories)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"segserve-worker-{index}")
-        self.backend: Backend | None = factory()
+        self.backends: dict[str, Backend] | None = {name: make() for name, make in self._factories.items()}
         self.consecutive_failures = 0
 
     @property
     def alive(self) -> bool:
-        return self.backend is not None
+        return self.backends is not None
 
-    def run(self, images: torch.Tensor, isr: IsrConfig, sizes: Sequence[tuple[int, int]]) -> BatchOutput:
-        if self.backend is None:
+    def run(self, job: BatchJob) -> BatchOutput:
+        if self.backends is None:
             raise RuntimeError(f"worker {self.index} has no backend")
-        return self.backend.run(images, isr, sizes)
+        return self.backends[job.model].run(job.pixels, job.shape, job.level, job.original_sizes)
 
     def record(self, ok: bool) -> None:
-        """Count failures; rebuild the backend after several in a row (runs on the worker thread)."""
+        """Count failures; rebuild the backends after several in a row (runs on the worker thread)."""
         if ok:
             self.consecutive_failures = 0
             return
         self.consecutive_failures += 1
         if self.consecutive_failures >= REBUILD_AFTER_FAILURES:
-            log.error("worker %d failed %d batches in a row; rebuilding its backend", self.index,
+            log.error("worker %d failed %d batches in a row; rebuilding its backends", self.index,
                       self.consecutive_failures)
             try:
-                self.backend = self._factory()
+                self.backends = {name: make() for name, make in self._factories.items()}
                 self.consecutive_failures = 0
             except Exception:
-                log.exception("worker %d could not rebuild its backend; it is out of service", self.index)
-                self.backend = None
+                log.exception("worker %d could not rebuild its backends; it is out of service", self.index)
+                self.backends = None
 
 
 class WorkerPool:
     """Hands idle workers to the scheduler and runs batches on their threads."""
 
-    def __init__(self, factory: Callable[[], Backend], size: int) -> None:
-        self.workers = [Worker(i, factory) for i in range(size)]
+    def __init__(self, factories: Mapping[str, Callable[[], Backend]], size: int) -> None:
+        self.workers = [Worker(i, factories) for i in range(size)]
         self._idle: list[Worker] = list(self.workers)
 
     @property
@@ -79,22 +94,15 @@ class WorkerPool:
     def release(self, worker: Worker) -> None:
         self._idle.append(worker)
 
-    async def run(
-        self, worker: Worker, images: torch.Tensor, isr: IsrConfig, sizes: Sequence[tuple[int, int]]
-    ) -> BatchOutput:
+    async def run(self, worker: Worker, job: BatchJob) -> BatchOutput:
         loop = asyncio.get_running_loop()
         try:
-            output = await loop.run_in_executor(worker.executor, worker.run, images, isr, sizes)
+            output = await loop.run_in_executor(worker.executor, worker.run, job)
         except Exception:
             await loop.run_in_executor(worker.executor, worker.record, False)
             raise
         worker.record(True)
         return output
-
-    def warm_up(self, images: torch.Tensor, isr: IsrConfig) -> None:
-        """One batch per worker before serving, so first requests do not pay one-time costs."""
-        for worker in self.workers:
-            worker.run(images, isr, [tuple(images.shape[-2:])] * images.shape[0])
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -1,4 +1,4 @@
-"""Planner and batching through a real server: budgets choose levels, refusals happen before compute.
+"""Planner and batching through a real server: budgets choose points, refusals happen before compute.
 
 "Not computed" is checked on the server's own counters: `segserve_batch_size_sum` counts every request
 that went through the model, so a refused request must leave it unchanged (cache hits never reach it,
@@ -17,7 +17,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.planner import quality_floor_rank
 from tests.servers import ServerProcess, jpeg_bytes
 
 _seeds = iter(range(10_000, 1_000_000))
@@ -53,7 +52,14 @@ def computed(server: ServerProcess) -> float:
 
 
 def ladder(server: ServerProcess) -> list[str]:
-    return [level["name"] for level in httpx.get(f"{server.base_url}/v1/models").json()["models"][0]["levels"]]
+    """The default task's ladder: point names, best first."""
+    listing = httpx.get(f"{server.base_url}/v1/models").json()
+    return listing["tasks"][listing["default_task"]]["ladder"]
+
+
+def qualities(server: ServerProcess) -> dict[str, float]:
+    listing = httpx.get(f"{server.base_url}/v1/models").json()
+    return {p["name"]: p["quality"] for model in listing["models"] for p in model["points"]}
 
 
 def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.05) -> None:
@@ -69,16 +75,16 @@ def burst_client() -> httpx.Client:
     return httpx.Client(timeout=120, headers={"Content-Type": "image/jpeg"}, limits=httpx.Limits(max_connections=32))
 
 
-def occupy(server: ServerProcess, client: httpx.Client, pool: ThreadPoolExecutor, count: int, level: str,
+def occupy(server: ServerProcess, client: httpx.Client, pool: ThreadPoolExecutor, count: int, point: str,
            queued: int) -> list:
-    """Keep the single worker busy: `count` concurrent requests at `level` on a larger image (128x512 network
-    input); returns once at least `queued` of them wait in the queue behind a running batch.
+    """Keep the single worker busy: `count` concurrent requests at `point` on a larger image (128x512 network
+    input at scale 1); returns once at least `queued` of them wait in the queue behind a running batch.
 
     They carry a 1 ms budget, so their (missed) budget deadlines are earlier than any later request's
     deadline: the scheduler, earliest deadline first, runs all of them before anything sent afterwards.
     """
     images = [fresh_image(120, 480) for _ in range(count)]
-    url, params = f"{server.base_url}/v1/segment", {"level": level, "latency_budget_ms": 1}
+    url, params = f"{server.base_url}/v1/segment", {"point": point, "latency_budget_ms": 1}
     futures = [pool.submit(client.post, url, content=image, params=params) for image in images]
     wait_for(lambda: metric(server, "segserve_queue_depth") >= queued, 120, 0.01)
     return futures
@@ -86,22 +92,25 @@ def occupy(server: ServerProcess, client: httpx.Client, pool: ThreadPoolExecutor
 
 # ----- the planner -----
 
-def test_larger_budgets_never_choose_a_cheaper_level(live_server) -> None:
+def test_larger_budgets_never_choose_a_worse_point(live_server) -> None:
     names = ladder(live_server)
-    rank = {name: index for index, name in enumerate(names)}
-    budgets, ranks = [], []
+    quality = qualities(live_server)
+    budgets, delivered = [], []
     budget = 1.0
     while budget <= 600_000:  # the default max_budget_ms
         response = post(live_server, fresh_image(), latency_budget_ms=budget)
         assert response.status_code == 200, response.text
         budgets.append(budget)
-        ranks.append(rank[response.headers["X-Segserve-Level"]])
+        delivered.append(response.headers["X-Segserve-Point"])
         budget *= 3
-    pairs = list(zip(budgets, ranks, strict=True))
-    assert all(a >= b for a, b in itertools.pairwise(ranks)), f"(budget ms, rank): {pairs}"
-    assert ranks[0] == len(names) - 1  # 1 ms: nothing fits, the cheapest level runs
-    assert ranks[-1] == 0  # ten minutes: full compute
-    assert len(set(ranks)) >= 2
+    pairs = list(zip(budgets, delivered, strict=True))
+    # The profile keeps learning from every batch, so neighbouring knob levels (a few percent apart on these tiny
+    # inputs) may trade places between requests; input scales (2-4x apart in cost) may not.
+    scales = [float(name.rsplit("@", 1)[1]) for name in delivered]
+    assert all(a <= b for a, b in itertools.pairwise(scales)), f"(budget ms, point): {pairs}"
+    assert scales[0] == 0.5  # 1 ms: nothing fits, a point at the smallest scale runs
+    assert delivered[-1] == names[0]  # ten minutes: the best point
+    assert quality[delivered[0]] < quality[delivered[-1]]
 
 
 def test_a_tight_budget_is_reported_missed_and_a_loose_one_met(live_server) -> None:
@@ -110,28 +119,34 @@ def test_a_tight_budget_is_reported_missed_and_a_loose_one_met(live_server) -> N
     assert tight.headers["X-Segserve-Plan"] == "fallback"
     loose = post(live_server, fresh_image(), latency_budget_ms=600_000)
     assert loose.headers["X-Segserve-Budget-Met"] == "true"
-    assert ladder(live_server).index(tight.headers["X-Segserve-Level"]) > ladder(live_server).index(
-        loose.headers["X-Segserve-Level"])
+    assert ladder(live_server).index(tight.headers["X-Segserve-Point"]) > ladder(live_server).index(
+        loose.headers["X-Segserve-Point"])
 
 
-@pytest.mark.parametrize(("quality", "budget_ms", "expected_rank"), [
-    ("fast", None, -1),  # the cheapest
-    ("best", None, 0),  # full compute
-    (None, 600_000, 0),  # a huge budget alone: full compute ...
-    ("balanced", 600_000, "floor"),  # ... capped by quality
-    ("0.8", 600_000, "floor"),
-    ("best", 1, -1),  # quality is a cap, not a floor: an impossible budget still goes cheapest
+@pytest.mark.parametrize(("quality", "budget_ms", "expected"), [
+    ("fast", None, -1),  # the cheapest quality
+    ("best", None, 0),  # the best point
+    (None, 600_000, 0),  # a huge budget alone: the best point ...
+    ("balanced", 600_000, "cap"),  # ... capped by quality value
+    ("0.8", 600_000, "cap"),
+    ("best", 1, "fastest"),  # quality is a cap, not a floor: an impossible budget still goes to the fastest
 ])
-def test_quality_caps_the_level(live_server, quality, budget_ms, expected_rank) -> None:
+def test_quality_caps_the_point_by_quality_value(live_server, quality, budget_ms, expected) -> None:
     names = ladder(live_server)
-    if expected_rank == "floor":
-        value = quality if quality in {"fast", "balanced", "best"} else float(quality)
-        expected_rank = quality_floor_rank(value, len(names))
-        assert 0 < expected_rank < len(names) - 1  # a real cap, strictly inside the ladder
+    values = qualities(live_server)
+    if expected == "cap":
+        number = {"balanced": 0.5}.get(quality) or float(quality)
+        low, high = values[names[-1]], values[names[0]]
+        expected = next(i for i, name in enumerate(names) if values[name] <= low + number * (high - low) + 1e-9)
+        assert 0 < expected < len(names) - 1  # a real cap, strictly inside the ladder
     params = {key: value for key, value in (("quality", quality), ("latency_budget_ms", budget_ms)) if value}
     response = post(live_server, fresh_image(), **params)
     assert response.status_code == 200, response.text
-    assert response.headers["X-Segserve-Level"] == names[expected_rank]
+    if expected == "fastest":  # neighbouring levels at the smallest scale may trade places as the profile learns
+        assert response.headers["X-Segserve-Plan"] == "fallback"
+        assert response.headers["X-Segserve-Scale"] == "0.5"
+    else:
+        assert response.headers["X-Segserve-Point"] == names[expected]
 
 
 # ----- refusals before compute -----
@@ -158,7 +173,7 @@ def test_an_expired_request_gets_504_and_is_never_computed(live_server) -> None:
     with burst_client() as client, ThreadPoolExecutor(12) as pool:
         occupiers = occupy(live_server, client, pool, 12, names[0], queued=4)
         started = time.monotonic()
-        response = post(live_server, fresh_image(), level=names[-1], timeout_ms=50)
+        response = post(live_server, fresh_image(), point=names[-1], timeout_ms=50)
         elapsed = time.monotonic() - started
         results = [future.result() for future in occupiers]
     assert response.status_code == 504, response.text
@@ -177,26 +192,26 @@ def test_a_client_that_goes_away_is_not_computed(live_server) -> None:
         occupiers = occupy(live_server, client, pool, 16, names[0], queued=8)
         with pytest.raises(httpx.TimeoutException):
             # Gives up and hangs up while at least two batches are still ahead of it (its deadline is the latest).
-            post(live_server, fresh_image(), timeout=0.4, level=names[-1])
+            post(live_server, fresh_image(), timeout=0.4, point=names[-1])
         results = [future.result() for future in occupiers]
     assert all(r.status_code == 200 for r in results)
     wait_for(lambda: metric(live_server, "segserve_rejected_total", reason="client_gone") == gone + 1, 10)
     assert computed(live_server) == done_before + len(occupiers)
-    assert post(live_server, fresh_image(), level=names[-1]).status_code == 200
+    assert post(live_server, fresh_image(), point=names[-1]).status_code == 200
     assert httpx.get(f"{live_server.base_url}/readyz").status_code == 200
 
 
 # ----- batching -----
 
-def test_concurrent_requests_at_one_level_are_batched(live_server) -> None:
-    level = ladder(live_server)[2]
+def test_concurrent_requests_at_one_point_are_batched(live_server) -> None:
+    point = ladder(live_server)[2]
     images = [fresh_image() for _ in range(8)]
     url = f"{live_server.base_url}/v1/segment"
     with burst_client() as client, ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda image: client.post(url, content=image, params={"level": level}), images))
+        responses = list(pool.map(lambda image: client.post(url, content=image, params={"point": point}), images))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     sizes = [int(r.headers["X-Segserve-Batch-Size"]) for r in responses]
-    assert all(r.headers["X-Segserve-Level"] == level for r in responses)
+    assert all(r.headers["X-Segserve-Point"] == point for r in responses)
     assert max(sizes) > 1, sizes
     assert max(sizes) <= 4  # the server's max batch size (tests.servers.FAST_SETTINGS)
 
@@ -208,6 +223,7 @@ def tiny_queue_server() -> Iterator[ServerProcess]:
         "SEGSERVE_WORKERS": "1",
         "SEGSERVE_MAX_BATCH_SIZE": "1",
         "SEGSERVE_LEVELS": "1111-111",
+        "SEGSERVE_SCALES": "1",
         "SEGSERVE_CALIBRATION_BATCH_SIZES": "1",
     }
     with ServerProcess(env=env) as server:

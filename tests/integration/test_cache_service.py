@@ -28,6 +28,7 @@ def redis_env(url: str, **extra: str) -> dict[str, str]:
         "SEGSERVE_CACHE_KEY_PREFIX": PREFIX,
         "SEGSERVE_REDIS_TIMEOUT_S": "0.5",  # fail-open stays fast (a stopped Redis refuses at once) on a busy CI box
         "SEGSERVE_LEVELS": f"{FULL},{CHEAPEST}",  # quality=fast plans the cheapest, quality=best the full level
+        "SEGSERVE_SCALES": "1",  # (one scale, so that the cheapest point is the cheapest level)
         "SEGSERVE_CALIBRATION_BATCH_SIZES": "1",
         **extra,
     }

@@ -125,8 +125,9 @@ def test_segment_round_trip_with_a_deadline(server: GrpcServer) -> None:
     receipt = response.receipt
     assert receipt.model == "edaformer-t"
     assert receipt.level in levels
-    assert receipt.isr == "".join(map(str, levels[receipt.level].isr.encoder)) + "/" + "".join(
-        map(str, levels[receipt.level].isr.decoder))
+    assert receipt.isr == receipt.knob_value == levels[receipt.level].knob_value
+    assert receipt.point == f"edaformer-t/{receipt.level}@{receipt.scale:g}" and receipt.knob == "isr"
+    assert receipt.quality > 0 and receipt.quality_source == "prior" and receipt.task == "ade20k"
     assert (receipt.cache, receipt.batch_size) == ("miss", 1)
     assert receipt.compute_ms > 0 and receipt.total_ms >= receipt.compute_ms and receipt.queue_ms >= 0
     assert receipt.predicted_ms > 0
@@ -149,26 +150,33 @@ def test_without_a_deadline_there_is_no_budget_and_an_explicit_budget_wins(serve
 
 
 def test_list_models_matches_http(server: GrpcServer) -> None:
-    (model,) = server.stub.ListModels(segserve_pb2.ListModelsRequest(), timeout=30).models
-    (expected,) = httpx.get(f"{server.process.base_url}/v1/models", timeout=30).json()["models"]
+    response = server.stub.ListModels(segserve_pb2.ListModelsRequest(), timeout=30)
+    listing = httpx.get(f"{server.process.base_url}/v1/models", timeout=30).json()
+    (model,), (expected,) = response.models, listing["models"]
+    assert (response.default_model, response.default_task) == (listing["default_model"], listing["default_task"])
+    assert [(t.name, list(t.ladder)) for t in response.tasks] == [(n, t["ladder"]) for n, t in listing["tasks"].items()]
     assert model.name == expected["name"] == "edaformer-t"
     assert list(model.classes) == expected["classes"] and model.num_classes == expected["num_classes"] == 150
     assert (model.weights, model.dataset, model.backend) == (expected["weights"], expected["dataset"], "torch")
+    assert (model.architecture, model.family, model.task, model.knob) == ("edaformer-t", "edaformer", "ade20k", "isr")
     assert list(model.calibration_shape) == expected["calibration_shape"]
-    assert [level.name for level in model.levels] == [level["name"] for level in expected["levels"]]
-    for level, want in zip(model.levels, expected["levels"], strict=True):
-        assert level.rank == want["rank"]
-        assert (list(level.isr.encoder), list(level.isr.decoder)) == (want["isr"]["encoder"], want["isr"]["decoder"])
-        assert level.gmacs == pytest.approx(want["gmacs"]) and level.gmacs > 0
+    assert [level.name for level in model.levels] == expected["knob"]["levels"]
+    assert (list(model.levels[3].isr.encoder), list(model.levels[3].isr.decoder)) == ([2, 2, 1, 1], [2, 2, 2])
+    assert [p.name for p in model.points] == [p["name"] for p in expected["points"]]
+    for point, want in zip(model.points, expected["points"], strict=True):
+        assert (point.level, point.scale, point.quality, point.on_ladder) == (
+            want["level"], want["scale"], want["quality"], want["on_ladder"])
+        assert point.gmacs == pytest.approx(want["gmacs"]) and point.gmacs > 0
         # Latencies are refined online, so compare the batch sizes measured, each a positive time.
-        assert sorted(level.latency_ms) == sorted(int(b) for b in want["latency_ms"]) == [1, 2, 4]
-        assert all(ms > 0 for ms in level.latency_ms.values())
+        assert {1, 4} <= set(point.latency_ms) and all(ms > 0 for ms in point.latency_ms.values())
 
 
 @pytest.mark.parametrize(("request_fields", "code", "error_code", "message"), [
     ({"image": b"this is not an image"}, grpc.StatusCode.INVALID_ARGUMENT, "invalid_image", "not an image"),
     ({"image": b""}, grpc.StatusCode.INVALID_ARGUMENT, "empty_body", "empty"),
-    ({"level": "9999-999"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown_level", "unknown ISR level"),
+    ({"level": "9999-999"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown_level", "unknown isr level"),
+    ({"point": "edaformer-t/9999-999@1"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown_point", "unknown point"),
+    ({"task": "cityscapes"}, grpc.StatusCode.NOT_FOUND, "unknown_task", "unknown task"),
     ({"quality": "superb"}, grpc.StatusCode.INVALID_ARGUMENT, "invalid_quality", "quality"),
     ({"format": "gif"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown_format", "unknown format"),
     ({"latency_budget_ms": -5}, grpc.StatusCode.INVALID_ARGUMENT, "invalid_budget", "latency_budget_ms"),
@@ -227,10 +235,16 @@ def test_grpc_requests_are_counted_with_http_status_codes(server: GrpcServer) ->
     text = httpx.get(f"{server.process.base_url}/metrics", timeout=30).text
 
     def count(status: str) -> float:
-        prefix = f'segserve_requests_total{{model="edaformer-t",route="{SEGMENT_ROUTE}",status="{status}"}} '
-        return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+        """Every model label: a refused request names no model that answered it."""
+        found = 0.0
+        for line in text.splitlines():
+            if line.startswith("segserve_requests_total{") and f'route="{SEGMENT_ROUTE}"' in line \
+                    and f'status="{status}"' in line:
+                found += float(line.rsplit(" ", 1)[1])
+        return found
 
     assert count("200") >= 1
+    assert f'segserve_requests_total{{model="edaformer-t",route="{SEGMENT_ROUTE}",status="200"}}' in text
     assert count("400") >= 1  # the invalid images
     assert count("404") >= 1  # the unknown model
 

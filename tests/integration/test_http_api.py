@@ -92,7 +92,7 @@ def test_the_returned_mask_equals_the_models_direct_prediction(checkpoint_server
 def test_models_report_checkpoint_or_random_weights(checkpoint_server, live_server) -> None:
     with_checkpoint = httpx.get(f"{checkpoint_server.base_url}/v1/models").json()["models"][0]
     assert with_checkpoint["weights"] == "checkpoint"
-    assert [level["name"] for level in with_checkpoint["levels"]] == [level.name for level in COMPARED_LEVELS[::-1]]
+    assert with_checkpoint["knob"]["levels"] == [level.name for level in COMPARED_LEVELS[::-1]]
     assert httpx.get(f"{live_server.base_url}/v1/models").json()["models"][0]["weights"] == "random"
 
 
@@ -150,8 +150,11 @@ def test_json_carries_fields_receipt_and_the_png(live_server, format_image, png_
     receipt = document["receipt"]
     assert receipt["level"] == CHEAPEST == response.headers["X-Segserve-Level"]
     assert receipt["budget_ms"] == 60_000 and receipt["budget_met"] is True
-    for key in ("queue_ms", "compute_ms", "total_ms", "batch_size", "cache", "isr", "plan_reason"):
+    for key in ("queue_ms", "compute_ms", "total_ms", "batch_size", "cache", "point", "scale", "quality",
+                "quality_source", "knob", "knob_value", "predicted_ms", "plan_reason"):
         assert key in receipt
+    assert receipt["point"] == f"edaformer-t/{CHEAPEST}@1" == response.headers["X-Segserve-Point"]
+    assert (receipt["knob"], receipt["knob_value"], receipt["scale"]) == ("isr", "2222/222", 1.0)
     assert receipt["batch_size"] == int(response.headers["X-Segserve-Batch-Size"])
     np.testing.assert_array_equal(labels_of(base64.b64decode(document["mask_png_base64"])), png_labels)
 
@@ -226,21 +229,30 @@ def test_an_unknown_model_is_a_404_json_error(live_server) -> None:
     assert "segformer-x" in error["message"]
 
 
-def test_models_lists_levels_in_ladder_order(live_server) -> None:
-    (entry,) = httpx.get(f"{live_server.base_url}/v1/models").json()["models"]
-    assert entry["name"] == "edaformer-t"
+def test_models_list_points_best_first_with_gmacs_latency_and_quality(live_server) -> None:
+    listing = httpx.get(f"{live_server.base_url}/v1/models").json()
+    (entry,) = listing["models"]
+    assert (entry["name"], entry["task"], listing["default_task"]) == ("edaformer-t", "ade20k", "ade20k")
     assert len(entry["classes"]) == entry["num_classes"] == 150
-    levels = entry["levels"]
-    assert [level["name"] for level in levels] == [level.name for level in LADDER]
-    for listed, level in zip(levels, LADDER, strict=True):
-        assert listed["isr"] == {"encoder": list(level.isr.encoder), "decoder": list(level.isr.decoder)}
-    gmacs = [level["gmacs"] for level in levels]
+    assert entry["knob"]["name"] == "isr" and entry["knob"]["levels"] == [level.name for level in LADDER]
+    assert entry["scales"] == [1.0, 0.75, 0.5]  # the default start offers input-scale points
+    points = entry["points"]
+    assert len(points) == len(LADDER) * 3
+    assert [p["quality"] for p in points] == sorted((p["quality"] for p in points), reverse=True)
+    assert points[0]["name"] == f"edaformer-t/{LADDER[0].name}@1" and points[0]["quality_source"] == "prior"
+    full = {p["level"]: p for p in points if p["scale"] == 1.0}
+    gmacs = [full[level.name]["gmacs"] for level in LADDER]
     assert all(a > b for a, b in itertools.pairwise(gmacs)), gmacs
-    calibrated = FAST_SETTINGS["SEGSERVE_CALIBRATION_BATCH_SIZES"].split(",")
-    for level in levels:
-        sizes = list(level["latency_ms"])  # the calibrated sizes, and any other size a batch has run at since
-        assert set(calibrated) <= set(sizes) and sizes == sorted(sizes, key=int)
-        assert all(ms > 0 for ms in level["latency_ms"].values())
+    half = next(p for p in points if p["level"] == LADDER[0].name and p["scale"] == 0.5)
+    assert half["gmacs"] < full[LADDER[0].name]["gmacs"] / 2  # a quarter of the pixels
+    calibrated = {"1", max(FAST_SETTINGS["SEGSERVE_CALIBRATION_BATCH_SIZES"].split(","), key=int)}
+    for point in points:
+        sizes = list(point["latency_ms"])  # the anchor sizes, and any other size a batch has run at since
+        assert calibrated <= set(sizes) and sizes == sorted(sizes, key=int)
+        assert all(ms > 0 for ms in point["latency_ms"].values())
+    ladder = listing["tasks"]["ade20k"]["ladder"]
+    assert ladder[0] == points[0]["name"] and {p["name"] for p in points if p["on_ladder"]} == set(ladder)
+    assert "published single-scale mIoU" in listing["quality_prior"]
 
 
 def test_health_and_readiness(live_server) -> None:

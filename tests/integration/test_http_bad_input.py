@@ -171,21 +171,36 @@ def test_an_image_smaller_than_the_model_accepts(live_server, height: int, width
     assert_still_serves(live_server)
 
 
-def test_a_thin_image_runs_at_a_level_it_fits(live_server) -> None:
-    """32x2000 becomes a 32x512 network input: too thin for the cheap levels' pools, fine at the full level.
-    A budget or quality that would pick a cheap level runs the cheapest level that fits instead of refusing."""
-    image = jpeg_bytes(32, 2000, seed=18)
-    scale = tuple(int(side) for side in FAST_SETTINGS["SEGSERVE_RESIZE_SCALE"].split("x"))
-    shape = network_input_size(32, 2000, dataclasses.replace(dataset_for("ade20k"), resize_scale=scale))
-    fitting = [level.name for level in LADDER if level.isr.fits(*shape)]
-    assert fitting and fitting[-1] != LADDER[-1].name
-    for params in ({"quality": "fast"}, {"latency_budget_ms": 1}, {}):
-        response = post(live_server, image, format="json", **params)
+def test_a_thin_image_runs_at_a_point_it_fits(live_server) -> None:
+    """32x2000 becomes a thin network input: too thin for the cheap levels' pools, fine at the full level.
+    A budget or quality that would pick a cheap point runs a cheaper point that fits instead of refusing."""
+    long_side, short_side = (int(side) for side in FAST_SETTINGS["SEGSERVE_RESIZE_SCALE"].split("x"))
+    pipeline = dataclasses.replace(dataset_for("ade20k"), resize_scale=(long_side, short_side))
+
+    def fits(point_name: str) -> bool:
+        level, scale = point_name.split("/")[1].split("@")
+        shape = network_input_size(32, 2000, pipeline, float(scale))
+        return next(lv for lv in LADDER if lv.name == level).isr.fits(*shape)
+
+    listing = httpx.get(f"{live_server.base_url}/v1/models").json()
+    ladder = listing["tasks"]["ade20k"]["ladder"]
+    fitting = [name for name in ladder if fits(name)]
+    assert fitting and not fits(ladder[-1])  # the cheapest point cannot take it
+    cases = (({"quality": "fast"}, fitting[-1]), ({"latency_budget_ms": 1}, None), ({}, ladder[0]))
+    for seed, (params, expected) in enumerate(cases, start=18):  # a new image each time: no cache hit
+        response = post(live_server, jpeg_bytes(32, 2000, seed=seed), format="json", **params)
         assert response.status_code == 200, (params, response.text)
-        assert response.headers["X-Segserve-Level"] == fitting[-1 if params else 0]
+        assert response.headers["X-Segserve-Point"] in fitting
+        if expected is not None:  # the lowest quality that fits; the best point
+            assert response.headers["X-Segserve-Point"] == expected
+        else:  # nothing meets 1 ms: the fastest point that fits, reported as the fallback
+            assert response.headers["X-Segserve-Plan"] == "fallback"
         assert (response.json()["height"], response.json()["width"]) == (32, 2000)
+    image = jpeg_bytes(32, 2000, seed=30)
     response = post(live_server, image, level=LADDER[-1].name)  # an explicit level is not second-guessed
     assert_error(response, 422, "image_too_small", "2000x32", LADDER[-1].name)
+    response = post(live_server, image, point=ladder[-1])
+    assert_error(response, 422, "image_too_small", "2000x32", ladder[-1])
     assert_still_serves(live_server)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import __version__
@@ -42,7 +43,7 @@ def test_request_metrics_move_with_requests(live_server: ServerProcess) -> None:
     before = Snapshot(live_server)
     computed = segment(live_server, image, latency_budget_ms=60_000)
     assert computed.status_code == 200, computed.text
-    level = computed.headers["X-Segserve-Level"]
+    point = computed.headers["X-Segserve-Point"]
     outcome = "met" if computed.headers["X-Segserve-Budget-Met"] == "true" else "missed"
     after = Snapshot(live_server)
 
@@ -50,44 +51,49 @@ def test_request_metrics_move_with_requests(live_server: ServerProcess) -> None:
         return after.value(name, **labels) - before.value(name, **labels)
 
     assert moved("segserve_requests_total", route="/v1/segment", status="200", model=MODEL) == 1
-    assert moved("segserve_request_duration_seconds_count", model=MODEL, level=level) == 1
-    assert moved("segserve_request_duration_seconds_sum", model=MODEL, level=level) > 0
-    assert moved("segserve_queue_wait_seconds_count", model=MODEL, level=level) == 1
-    assert moved("segserve_compute_seconds_count", model=MODEL, level=level) == 1
-    assert moved("segserve_batch_size_count", model=MODEL, level=level) == 1
-    assert moved("segserve_batch_size_sum", model=MODEL, level=level) >= 1
-    assert moved("segserve_level_chosen_total", model=MODEL, level=level, reason="budget") == 1
+    assert moved("segserve_request_duration_seconds_count", model=MODEL, point=point) == 1
+    assert moved("segserve_request_duration_seconds_sum", model=MODEL, point=point) > 0
+    assert moved("segserve_queue_wait_seconds_count", model=MODEL, point=point) == 1
+    assert moved("segserve_compute_seconds_count", model=MODEL, point=point) == 1
+    assert moved("segserve_batch_size_count", model=MODEL, point=point) == 1
+    assert moved("segserve_batch_size_sum", model=MODEL, point=point) >= 1
+    assert moved("segserve_point_chosen_total", model=MODEL, point=point, reason="budget") == 1
+    assert moved("segserve_delivered_quality_count", task="ade20k") == 1
+    assert moved("segserve_delivered_quality_sum", task="ade20k") == pytest.approx(
+        float(computed.headers["X-Segserve-Quality"]), abs=0.01)
     assert moved("segserve_budget_outcomes_total", model=MODEL, outcome=outcome) == 1
     assert moved("segserve_cache_requests_total", backend="memory", result="miss") == 1
     assert moved("segserve_stage_seconds_count", stage="encode") == 1
-    assert moved("segserve_stage_seconds_count") >= 2  # decoding and preprocessing too
+    assert moved("segserve_stage_seconds_count") >= 4  # decode, preprocess, forward, postprocess too
 
     # The same image again: a cache hit, counted as one; no batch, queue or compute.
     assert segment(live_server, image).headers["X-Segserve-Cache"] == "hit"
     again = Snapshot(live_server)
     assert again.value("segserve_cache_requests_total", backend="memory", result="hit") - after.value(
         "segserve_cache_requests_total", backend="memory", result="hit") == 1
-    assert again.value("segserve_request_duration_seconds_count", model=MODEL, level=level) - after.value(
-        "segserve_request_duration_seconds_count", model=MODEL, level=level) == 1
+    assert again.value("segserve_request_duration_seconds_count", model=MODEL, point=point) - after.value(
+        "segserve_request_duration_seconds_count", model=MODEL, point=point) == 1
+    assert again.value("segserve_point_chosen_total", model=MODEL, point=point, reason="cache") - after.value(
+        "segserve_point_chosen_total", model=MODEL, point=point, reason="cache") == 1
     assert again.value("segserve_batch_size_count") == after.value("segserve_batch_size_count")
     assert again.value("segserve_compute_seconds_count") == after.value("segserve_compute_seconds_count")
 
-    # Failures are counted by their status code.
+    # Failures are counted by their status code (and the model asked for; none on /v1/segment).
     assert segment(live_server, b"not an image").status_code == 400
     assert Snapshot(live_server).value("segserve_requests_total", route="/v1/segment", status="400",
-                                       model=MODEL) == before.value("segserve_requests_total", route="/v1/segment",
-                                                                    status="400", model=MODEL) + 1
+                                       model="") == before.value("segserve_requests_total", route="/v1/segment",
+                                                                 status="400", model="") + 1
 
 
-def test_calibrated_latency_per_level_and_batch_size(live_server: ServerProcess) -> None:
+def test_calibrated_latency_per_point_and_batch_size(live_server: ServerProcess) -> None:
     snapshot = Snapshot(live_server)
-    levels = [level["name"] for level in httpx.get(f"{live_server.base_url}/v1/models", timeout=30).json()
-              ["models"][0]["levels"]]
-    assert len(levels) == 6
-    for level in levels:
-        for batch_size in ("1", "2", "4"):  # the test servers' SEGSERVE_CALIBRATION_BATCH_SIZES
-            assert snapshot.value("segserve_calibrated_latency_seconds", model=MODEL, level=level,
-                                  batch_size=batch_size) > 0, (level, batch_size)
+    points = [p["name"] for p in httpx.get(f"{live_server.base_url}/v1/models", timeout=30).json()
+              ["models"][0]["points"]]
+    assert len(points) == 18  # 6 levels x 3 scales
+    for point in points:
+        for batch_size in ("1", "4"):  # the smallest and largest of the test servers' calibration batch sizes
+            assert snapshot.value("segserve_calibrated_latency_seconds", model=MODEL, point=point,
+                                  batch_size=batch_size) > 0, (point, batch_size)
 
 
 def test_info_and_state_gauges(live_server: ServerProcess) -> None:
@@ -96,11 +102,12 @@ def test_info_and_state_gauges(live_server: ServerProcess) -> None:
     assert build["version"] == __version__ and {"python", "torch", "onnxruntime"} <= build.keys()
     assert snapshot.value("segserve_build_info") == 1
     (model,) = snapshot.series("segserve_model_info")
-    assert model == {"model": MODEL, "weights": "random", "classes": "150", "backend": "torch", "device": "cpu"}
+    assert model == {"model": MODEL, "architecture": MODEL, "weights": "random", "task": "ade20k", "classes": "150",
+                     "backend": "torch", "device": "cpu"}
     assert snapshot.value("segserve_model_info") == 1
     assert snapshot.value("segserve_ready") == 1
-    assert snapshot.value("segserve_workers_alive", model=MODEL) == 1
-    assert snapshot.value("segserve_queue_depth", model=MODEL) == 0
+    assert snapshot.value("segserve_workers_alive") == 1
+    assert snapshot.value("segserve_queue_depth") == 0
     assert snapshot.series("segserve_inflight_requests") == [{}]
     # Every family is declared and prefixed, and latency histograms run from 1 ms to 30 s.
     assert all(sample.name.startswith("segserve_") for sample in snapshot.samples)

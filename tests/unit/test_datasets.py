@@ -6,11 +6,12 @@ import pytest
 
 from models.datasets import DATASETS, DatasetInfo, dataset_for, generic_palette
 
+# The three benchmark label spaces, and the demo weights' synthetic one (checked in test_demo_weights.py).
 EXPECTED_COUNTS = {"ade20k": 150, "cityscapes": 19, "coco-stuff": 171}
 
 
-def test_registry_has_exactly_the_three_datasets():
-    assert set(DATASETS) == set(EXPECTED_COUNTS)
+def test_registry_has_the_three_benchmarks_and_the_demo_label_space():
+    assert set(DATASETS) == {*EXPECTED_COUNTS, "demo"}
     for key, info in DATASETS.items():
         assert info.name == key
 

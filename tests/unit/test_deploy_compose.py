@@ -139,7 +139,8 @@ def test_dashboard_has_the_operator_panels() -> None:
             for name, q in (("p50", "0.5"), ("p95", "0.95"), ("p99", "0.99"))
         },
         "budget met ratio": has('outcome="met"', "segserve_budget_outcomes_total"),
-        "level mix": has("sum by (level)", "segserve_level_chosen_total"),
+        "point mix": has("sum by (point)", "segserve_point_chosen_total"),
+        "delivered quality": has("segserve_delivered_quality_sum", "segserve_delivered_quality_count"),
         "batch size": has("segserve_batch_size_"),
         "queue depth": has("segserve_queue_depth"),
         "cache hit ratio": has('result="hit"', "segserve_cache_requests_total"),

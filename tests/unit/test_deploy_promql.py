@@ -166,7 +166,8 @@ def test_deploy_expressions_use_the_metrics_operators_need() -> None:
     used = set().union(*(promql_metric_names(expr) for _, expr in deploy_expressions()))
     assert {
         "segserve_requests_total", "segserve_request_duration_seconds_bucket",
-        "segserve_budget_outcomes_total", "segserve_level_chosen_total", "segserve_batch_size_sum",
+        "segserve_budget_outcomes_total", "segserve_point_chosen_total", "segserve_batch_size_sum",
+        "segserve_delivered_quality_sum",
         "segserve_queue_depth", "segserve_cache_requests_total", "segserve_queue_wait_seconds_sum",
         "segserve_queue_wait_seconds_count",
     } <= used

@@ -1,4 +1,7 @@
-"""The planner as a pure function: `choose` over a `LatencyProfile`, no model, no server."""
+"""The planner as a pure function over a latency table, the quality priors, the Pareto ladder, the pool.
+
+No model and no server: points are built from EDAFormer's ladder, latencies from a table.
+"""
 
 from __future__ import annotations
 
@@ -7,181 +10,154 @@ import random
 
 import pytest
 
-from models.isr import LADDER, IsrLevel
-from service.planner import LatencyProfile, Plan, choose, quality_floor_rank
+from models import get_spec
+from models.isr import LADDER
+from service.planner import Demand, Load, NoPointFits, Planner, PlanReason, capped, quality_value
+from service.points import (
+    KNOB_STEP_PENALTY,
+    SCALE_PENALTY,
+    Point,
+    Pool,
+    QualityLookup,
+    model_points,
+    pareto_ladder,
+    quality_prior,
+)
 
-CALIBRATION = (128, 160)
-# Milliseconds per batch of 1 at the calibration shape, full level first (a plausible, decreasing ladder).
+SIZE = (120, 160)
+# Milliseconds per image at batch 1: a plausible, decreasing ladder.
 MS = [100.0, 80.0, 60.0, 45.0, 35.0, 30.0]
+POINTS = [Point("m", level, 1.0, quality=50.0 - level.rank) for level in LADDER]
 
 
-def fake_gmacs(level: IsrLevel, shape: tuple[int, int]) -> float:
-    """Cost proportional to the pixel count, slightly lower for cheaper levels."""
-    return shape[0] * shape[1] * (1.0 - 0.05 * level.rank) / 1e4
+def table_planner(ms: dict[str, float], fits=lambda point, shape: True) -> Planner:
+    return Planner(lambda point, shape, batch: ms[point.name] * batch / 1e3, lambda point, size: size, fits)
 
 
-def make_profile(ms_per_level=MS, levels=LADDER, batch_sizes=(1, 2, 4)) -> LatencyProfile:
-    profile = LatencyProfile(levels, CALIBRATION, fake_gmacs)
-    for level, ms in zip(levels, ms_per_level, strict=True):
-        for batch in batch_sizes:
-            profile.set(level, batch, ms * (1 + 0.6 * (batch - 1)) / 1e3)  # batching amortizes
-    return profile
+PLANNER = table_planner({p.name: ms for p, ms in zip(POINTS, MS, strict=True)})
 
 
-def plan(profile: LatencyProfile, budget_ms: float | None = None, *, quality=None, explicit=None,
-         backlog_s: float = 0.0, overhead_s: float = 0.0, margin: float = 0.0, shape=CALIBRATION) -> Plan:
-    return choose(profile, shape, budget_s=None if budget_ms is None else budget_ms / 1e3, quality=quality,
-                  explicit=explicit, backlog_s=backlog_s, overhead_s=overhead_s, safety_margin=margin)
+def plan(budget_ms: float | None = None, *, quality: float | None = None, explicit: Point | None = None,
+         queue_s: float = 0.0, overhead_s: float = 0.0, margin: float = 0.0, batch: int = 1, planner=PLANNER):
+    demand = Demand(POINTS, SIZE, batch, None if budget_ms is None else budget_ms / 1e3, quality, explicit)
+    return planner.plan(demand, Load(queue_s, overhead_s, margin))
 
 
-# ----- LatencyProfile -----
+# ----- the planner -----
 
-def test_estimate_reads_interpolates_and_extrapolates_in_batch_size() -> None:
-    profile = LatencyProfile(LADDER, CALIBRATION, fake_gmacs)
-    full = LADDER[0]
-    profile.set(full, 1, 0.010)
-    profile.set(full, 4, 0.025)
-    assert profile.estimate(full, CALIBRATION, 1) == pytest.approx(0.010)
-    assert profile.estimate(full, CALIBRATION, 4) == pytest.approx(0.025)
-    assert profile.estimate(full, CALIBRATION, 2) == pytest.approx(0.015)  # linear between 1 and 4
-    assert profile.estimate(full, CALIBRATION, 8) == pytest.approx(0.050)  # per-item cost of the largest
+def test_no_budget_means_the_best_point() -> None:
+    result = plan()
+    assert (result.point, result.reason, result.feasible) == (POINTS[0], PlanReason.DEFAULT, True)
+    assert result.predicted_s == pytest.approx(0.100)
+    assert result.shape == SIZE
 
 
-def test_estimate_scales_other_shapes_by_gmacs() -> None:
-    profile = make_profile()
-    full = LADDER[0]
-    doubled = (CALIBRATION[0] * 2, CALIBRATION[1])
-    assert profile.estimate(full, doubled) == pytest.approx(2 * profile.estimate(full, CALIBRATION))
+@pytest.mark.parametrize(("budget_ms", "expected"), [(100, 0), (99, 1), (80, 1), (61, 2), (45, 3), (30, 5)])
+def test_a_budget_gets_the_best_point_that_fits(budget_ms: float, expected: int) -> None:
+    result = plan(budget_ms)
+    assert result.point == POINTS[expected] and result.reason == PlanReason.BUDGET and result.feasible
 
 
-def test_uncalibrated_level_raises() -> None:
-    profile = LatencyProfile(LADDER, CALIBRATION, fake_gmacs)
-    with pytest.raises(RuntimeError, match="not been calibrated"):
-        profile.estimate(LADDER[0], CALIBRATION)
+def test_the_queue_overheads_and_margin_count_against_the_budget() -> None:
+    assert plan(100, queue_s=0.040).point == POINTS[2]  # 40 ms ahead: 60 ms left
+    assert plan(100, overhead_s=0.020).point == POINTS[1]  # 20 ms of decode/encode
+    assert plan(100, margin=0.5).point == POINTS[2]  # 60 * 1.5 = 90 <= 100 < 80 * 1.5
+    assert plan(100, margin=0.5).predicted_s == pytest.approx(0.060)
 
 
-def test_observe_folds_in_batches_normalized_to_the_calibration_shape() -> None:
-    profile = LatencyProfile(LADDER, CALIBRATION, fake_gmacs, smoothing=0.5)
-    full = LADDER[0]
-    profile.set(full, 1, 0.100)
-    profile.observe(full, CALIBRATION, 1, 0.200)
-    assert profile.table()[full.name][1] == pytest.approx(0.150)
-    # A batch at twice the pixels counts as half the time at the calibration shape.
-    profile.observe(full, (CALIBRATION[0] * 2, CALIBRATION[1]), 1, 0.300)
-    assert profile.table()[full.name][1] == pytest.approx(0.150)
-    # A batch size never measured is taken as observed.
-    profile.observe(full, CALIBRATION, 3, 0.240)
-    assert profile.table()[full.name][3] == pytest.approx(0.240)
+def test_batch_size_scales_the_prediction() -> None:
+    assert plan(100, batch=2).point == POINTS[3]  # 2 x 45 = 90 <= 100 < 2 x 60
+    assert plan(100, batch=2).predicted_s == pytest.approx(0.090)
 
 
-# ----- choose -----
-
-def test_no_budget_no_quality_is_full_compute() -> None:
-    chosen = plan(make_profile())
-    assert (chosen.level, chosen.reason, chosen.feasible) == (LADDER[0], "default", True)
-    assert chosen.predicted_s == pytest.approx(0.100)
+def test_nothing_fits_falls_back_to_the_fastest_point_predicted_late() -> None:
+    result = plan(10)
+    assert (result.point, result.reason, result.feasible) == (POINTS[-1], PlanReason.FALLBACK, False)
 
 
-def test_budget_picks_the_best_level_that_fits_with_the_margin() -> None:
-    profile = make_profile()
-    assert plan(profile, 100).level == LADDER[0]
-    assert plan(profile, 99.9).level == LADDER[1]
-    assert plan(profile, 60).level == LADDER[2]
-    # With a 20% margin, 60 ms no longer fits 60 ms of work; 45 * 1.2 = 54 does.
-    chosen = plan(profile, 60, margin=0.2)
-    assert (chosen.level, chosen.reason, chosen.feasible) == (LADDER[3], "budget", True)
+def test_quality_caps_by_quality_value_not_by_rank() -> None:
+    # Qualities 50..45: 0.5 caps at 47.5, so 47 is the best allowed.
+    assert plan(quality=0.5).point.quality == 47.0
+    assert plan(quality=0.5).reason == PlanReason.QUALITY
+    assert plan(quality=1.0).point == POINTS[0]
+    assert plan(quality=0.0).point == POINTS[-1]
+    assert plan(1000, quality=0.5).point.quality == 47.0  # the cap holds with a loose budget
+    assert plan(31, quality=1.0).point == POINTS[-1]  # and a tight budget can still go below it
 
 
-def test_backlog_and_overhead_count_against_the_budget() -> None:
-    profile = make_profile()
-    assert plan(profile, 105).level == LADDER[0]
-    assert plan(profile, 105, backlog_s=0.030).level == LADDER[2]  # 30 + 60 <= 105 < 30 + 80
-    assert plan(profile, 105, overhead_s=0.050).level == LADDER[3]  # 45 + 50 <= 105 < 60 + 50
-    chosen = plan(profile, 105, backlog_s=0.030, overhead_s=0.010)
-    assert chosen.predicted_s == pytest.approx(0.030 + 0.060 + 0.010)
+def test_capped_keeps_points_at_or_under_the_cap() -> None:
+    assert capped(POINTS, None) == POINTS
+    assert [p.quality for p in capped(POINTS, 0.4)] == [47.0, 46.0, 45.0]
+    assert quality_value("fast") == 0.0 and quality_value("best") == 1.0 and quality_value(None) is None
 
 
-def test_larger_inputs_choose_cheaper_levels() -> None:
-    profile = make_profile()
-    big = (CALIBRATION[0] * 2, CALIBRATION[1] * 2)  # four times the GMACs
-    assert plan(profile, 150).level == LADDER[0]
-    assert plan(profile, 150, shape=big).level.rank > 0
+def test_an_explicit_point_is_not_second_guessed() -> None:
+    result = plan(1, explicit=POINTS[2])
+    assert (result.point, result.reason, result.feasible) == (POINTS[2], PlanReason.EXPLICIT, False)
+    assert plan(None, explicit=POINTS[2]).feasible
 
 
-def test_infeasible_budget_falls_back_to_the_cheapest_level() -> None:
-    chosen = plan(make_profile(), 1)
-    assert (chosen.level, chosen.reason, chosen.feasible) == (LADDER[-1], "fallback", False)
-    assert chosen.predicted_s == pytest.approx(0.030)
+def test_points_that_cannot_take_the_input_are_skipped_or_refused() -> None:
+    ms = {p.name: m for p, m in zip(POINTS, MS, strict=True)}
+    planner = table_planner(ms, fits=lambda point, shape: point.level.rank < 3)  # deep pooling needs more pixels
+    assert plan(30, planner=planner).point == POINTS[2]  # the cheapest that fits, late
+    with pytest.raises(NoPointFits):
+        plan(explicit=POINTS[4], planner=planner)
+    nothing = table_planner(ms, fits=lambda point, shape: False)
+    with pytest.raises(NoPointFits, match="160x120"):
+        plan(100, planner=nothing)
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_larger_budgets_never_choose_cheaper_levels(seed: int) -> None:
-    """Property: at a fixed profile and load, the chosen rank is non-increasing in the budget.
-
-    Latencies are random and not even monotone in the rank (measured profiles on a noisy machine are not).
-    """
-    rng = random.Random(seed)
-    profile = make_profile([rng.uniform(5, 500) for _ in LADDER])
-    backlog, overhead, margin = rng.uniform(0, 0.2), rng.uniform(0, 0.05), rng.uniform(0, 0.5)
-    quality = rng.choice([None, None, "balanced", 0.8, 0.3])
-    budgets = sorted(rng.uniform(1, 2000) for _ in range(200))
-    ranks = [plan(profile, b, quality=quality, backlog_s=backlog, overhead_s=overhead, margin=margin).level.rank
-             for b in budgets]
-    assert all(a >= b for a, b in itertools.pairwise(ranks)), ranks
-    # And a loose budget is at least as good as any tight one, strictly better than the infeasible fallback.
-    assert ranks[-1] <= ranks[0]
+def test_looser_budgets_never_get_a_worse_point() -> None:
+    rng = random.Random(0)
+    budgets = sorted(rng.uniform(1, 200) for _ in range(200))
+    qualities = [plan(b).point.quality for b in budgets]
+    assert all(a <= b for a, b in itertools.pairwise(qualities))
 
 
-def test_a_tight_budget_chooses_a_cheaper_level_than_a_loose_one() -> None:
-    profile = make_profile()
-    tight, loose = plan(profile, 40), plan(profile, 10_000)
-    assert tight.level.rank > loose.level.rank
+# ----- quality priors and measured values -----
+
+def test_the_prior_is_published_miou_minus_stated_penalties() -> None:
+    spec = get_spec("edaformer-t")
+    published = spec.published_miou["ade20k"]
+    assert quality_prior(spec, "ade20k", LADDER[0], 1.0, None) == published
+    assert quality_prior(spec, "ade20k", LADDER[2], 0.5, None) == pytest.approx(
+        published - 2 * KNOB_STEP_PENALTY - 0.5 * SCALE_PENALTY)
+    assert quality_prior(spec, "cityscapes", LADDER[0], 1.0, 30.0) == 30.0  # no published figure: the base
 
 
-@pytest.mark.parametrize(("quality", "rank"), [
-    ("best", 0), (1.0, 0), ("fast", 5), (0.0, 5), ("balanced", 2), (0.5, 2), (0.8, 1), (0.2, 4),
-])
-def test_quality_floor_rank(quality, rank: int) -> None:
-    assert quality_floor_rank(quality, len(LADDER)) == rank
+def test_model_points_prefer_measured_values_and_name_their_source() -> None:
+    spec = get_spec("edaformer-t")
+    measured = QualityLookup(values={"t/1111-111@1": 44.0}, agreement={"t/2222-222@0.5": 90.0})
+    points = {p.name: p for p in model_points("t", spec, "ade20k", LADDER, (1.0, 0.5), measured, None)}
+    assert len(points) == len(LADDER) * 2
+    assert (points["t/1111-111@1"].quality, points["t/1111-111@1"].quality_source) == (44.0, "measured")
+    best_prior = spec.published_miou["ade20k"]
+    assert points["t/2222-222@0.5"].quality == pytest.approx(best_prior * 0.9, abs=1e-3)
+    assert points["t/2222-222@0.5"].quality_source == "measured-agreement"
+    assert points["t/2211-222@1"].quality_source == "prior"
+    unknown = model_points("t", spec, "cityscapes", LADDER[:1], (1.0,), None, 20.0)
+    assert unknown[0].quality == 20.0 and unknown[0].quality_source == "prior-unknown"
 
 
-def test_quality_caps_the_level_from_above() -> None:
-    profile = make_profile()
-    assert plan(profile, quality="fast").level == LADDER[-1]
-    assert plan(profile, quality="best").level == LADDER[0]
-    assert plan(profile, quality="fast").reason == "quality"
-    # A huge budget would allow full compute; quality caps it.
-    assert plan(profile, 1e6, quality="balanced").level == LADDER[2]
-    assert plan(profile, 1e6, quality="fast").level == LADDER[-1]
-    # Quality is a cap, not a floor: a tight budget still goes cheaper.
-    assert plan(profile, 40, quality="best").level == LADDER[4]
+# ----- the ladder and the pool -----
+
+def test_the_pareto_ladder_drops_points_beaten_on_both_axes() -> None:
+    slow_bad = Point("m", LADDER[1], 0.75, quality=40.0)  # worse than POINTS[5] and slower
+    latency = {p.name: ms for p, ms in zip(POINTS, MS, strict=True)} | {slow_bad.name: 90.0}
+    ladder = pareto_ladder([*POINTS, slow_bad], lambda p: latency[p.name])
+    assert ladder == POINTS  # best quality first, each one faster than all above it
+    faster_worse = Point("m", LADDER[1], 0.5, quality=40.0)
+    latency[faster_worse.name] = 10.0
+    assert pareto_ladder([*POINTS, faster_worse], lambda p: latency[p.name])[-1] == faster_worse
 
 
-def test_quality_on_a_short_ladder_stays_in_range() -> None:
-    levels = (LADDER[0], LADDER[3])
-    profile = make_profile([100.0, 45.0], levels=levels)
-    assert plan(profile, quality="fast").level == LADDER[3]
-    assert plan(profile, quality=0.9).level == LADDER[0]
-
-
-def test_explicit_level_bypasses_the_planner_and_reports_feasibility() -> None:
-    profile = make_profile()
-    cheapest = LADDER[-1]
-    chosen = plan(profile, 1e6, explicit=cheapest)
-    assert (chosen.level, chosen.reason, chosen.feasible) == (cheapest, "explicit", True)
-    chosen = plan(profile, 1, explicit=LADDER[0], quality="fast")
-    assert (chosen.level, chosen.reason, chosen.feasible) == (LADDER[0], "explicit", False)
-    assert plan(profile, explicit=LADDER[0]).feasible
-
-
-def test_levels_that_never_ran_follow_the_drift_of_those_that_did() -> None:
-    profile = make_profile()
-    full, cheap = LADDER[0], LADDER[-1]
-    cheap_before = profile.estimate(cheap, CALIBRATION, 4)
-    calibrated_full = profile.estimate(full, CALIBRATION, 1)
-    for _ in range(30):  # the full level keeps running at half its calibrated time
-        profile.observe(full, CALIBRATION, 1, calibrated_full / 2)
-    assert profile.drift == pytest.approx(0.5, rel=0.02)
-    assert profile.estimate(cheap, CALIBRATION, 4) == pytest.approx(cheap_before * profile.drift)
-    # Measured entries follow their own observations, not the drift.
-    assert profile.estimate(full, CALIBRATION, 1) == pytest.approx(calibrated_full / 2, rel=0.01)
+def test_a_pool_restricts_to_one_model_and_ranks_every_point_by_quality() -> None:
+    other = [Point("n", LADDER[0], 1.0, quality=55.0), Point("n", LADDER[0], 0.5, quality=10.0)]
+    latency = {p.name: ms for p, ms in zip(POINTS, MS, strict=True)} | {other[0].name: 500.0, other[1].name: 5.0}
+    pool = Pool("ade20k", [*POINTS, *other], lambda p: latency[p.name])
+    assert pool.ladder()[0] == other[0] and pool.ladder()[-1] == other[1]
+    assert pool.ladder("m") == POINTS
+    assert pool.quality_rank[other[0].name] == 0 and pool.quality_rank[POINTS[0].name] == 1
+    assert pool.point("m/2211-222@1") == POINTS[3] and pool.point("nope") is None
+    assert pool.models == ["m", "n"]

@@ -1,7 +1,8 @@
-"""The batching scheduler with the real worker pool over a fake backend (the scheduling is under test).
+"""The batching scheduler with the real worker pool and planner over a fake backend (the scheduling is under test).
 
-The fake backend records every batch it runs (which requests, which level, which shape) and can be held
-busy on a gate, so tests decide exactly when the single worker is free.
+The fake backend records every batch it runs (which requests, which level, which network shape) and can be
+held busy on a gate, so tests decide exactly when the single worker is free. Latencies come from a table, so
+the planner's choices are exact.
 """
 
 from __future__ import annotations
@@ -15,23 +16,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-import torch
 
-from models.isr import LADDER, IsrLevel
+from models.isr import LADDER
 from service.batching.scheduler import Scheduler, WorkItem
 from service.errors import DeadlineExpired, InferenceFailed, QueueFull, Unavailable
 from service.metrics import Metrics
-from service.planner import LatencyProfile
+from service.planner import Plan, Planner, PlanReason
+from service.points import Point
 from service.workers.backends.base import BatchOutput
 from service.workers.pool import WorkerPool
 
 pytestmark = pytest.mark.anyio
 
-SHAPE = (32, 48)
-OTHER_SHAPE = (48, 32)
-FULL, CHEAP = LADDER[0], LADDER[-1]
-MODEL = "edaformer-t"
-FORWARD_S, POSTPROCESS_S = 0.004, 0.001
+MODEL = "m"
+SIZE, OTHER_SIZE = (32, 48), (48, 32)  # image sizes; the fake network input is the image size times the scale
+FORWARD_S = 0.005
+# Quality falls by 1 per level down the ladder; the cheapest point runs at scale 0.5.
+POINTS = [Point(MODEL, level, 1.0, quality=50.0 - level.rank) for level in LADDER]
+CHEAP_SMALL = Point(MODEL, LADDER[-1], 0.5, quality=40.0)
+LADDER_POINTS = [*POINTS, CHEAP_SMALL]
+FULL, CHEAP = POINTS[0], CHEAP_SMALL
 
 
 @pytest.fixture
@@ -58,25 +62,43 @@ class FakeBackend:
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
 
-    def run(self, images: torch.Tensor, isr, sizes) -> BatchOutput:
-        ids = tuple(int(images[i, 0, 0, 0]) for i in range(images.shape[0]))
-        level = next(level.name for level in LADDER if level.isr == isr)
-        self.recorder.batches.append((level, ids, (int(images.shape[-2]), int(images.shape[-1]))))
+    def run(self, pixels, shape, level, sizes) -> BatchOutput:
+        ids = tuple(int(p[0, 0, 0]) for p in pixels)
+        self.recorder.batches.append((level.name, ids, tuple(shape)))
         self.recorder.started.set()
         if not self.recorder.gate.wait(10):
             raise TimeoutError("the test never opened the gate")
-        if level in self.recorder.fail_levels:
+        if level.name in self.recorder.fail_levels:
             raise RuntimeError("boom")
         labels = [np.full(size, i, dtype=np.uint8) for i, size in zip(ids, sizes, strict=True)]
-        return BatchOutput(labels, FORWARD_S, POSTPROCESS_S)
+        return BatchOutput(labels, 0.0, FORWARD_S, 0.0)
 
 
-def make_profile(ms: float = 50.0) -> LatencyProfile:
-    profile = LatencyProfile(LADDER, SHAPE, lambda level, shape: float(shape[0] * shape[1]))
-    for level in LADDER:
-        for batch in (1, 2, 4):
-            profile.set(level, batch, ms * (1 + 0.5 * (batch - 1)) / 1e3)
-    return profile
+class TableProfile:
+    """Seconds per batch: `per_image[point name] * batch`, for every shape; records what batches were observed."""
+
+    def __init__(self, per_image_ms: dict[str, float]) -> None:
+        self.per_image = {name: ms / 1e3 for name, ms in per_image_ms.items()}
+        self.observed: list[tuple[str, int, float]] = []
+
+    def estimate(self, point: Point, shape: tuple[int, int], batch: int = 1) -> float:
+        return self.per_image[point.name] * batch
+
+    def observe(self, point: Point, shape: tuple[int, int], batch: int, seconds: float) -> None:
+        self.observed.append((point.name, batch, seconds))
+
+
+def flat_profile(ms: float = 50.0) -> TableProfile:
+    return TableProfile({p.name: ms for p in LADDER_POINTS})
+
+
+def stepped_profile(full_ms: float = 200.0, step_ms: float = 25.0) -> TableProfile:
+    """Full 200 ms per image, then 25 ms cheaper per ladder step (the scale-0.5 point cheapest: 25 ms)."""
+    return TableProfile({p.name: full_ms - step_ms * i for i, p in enumerate(LADDER_POINTS)})
+
+
+def shape_of(point: Point, size: tuple[int, int]) -> tuple[int, int]:
+    return int(size[0] * point.scale), int(size[1] * point.scale)
 
 
 @dataclass
@@ -84,19 +106,22 @@ class Harness:
     scheduler: Scheduler
     recorder: Recorder
     metrics: Metrics
-    profile: LatencyProfile
+    profile: TableProfile
+    planner: Planner
 
-    def item(self, request_id: int, level: IsrLevel = FULL, shape: tuple[int, int] = SHAPE,
-             budget_s: float | None = None, hard_s: float = 30.0) -> WorkItem:
+    def item(self, request_id: int, *, size: tuple[int, int] = SIZE, budget_s: float | None = None,
+             hard_s: float = 30.0, quality: float | None = None, explicit: Point | None = None,
+             admitted: Point = FULL) -> WorkItem:
         now = time.monotonic()
+        plan = Plan(admitted, shape_of(admitted, size), PlanReason.DEFAULT, 0.0, True)
         return WorkItem(
-            images=torch.full((1, 3, *shape), float(request_id)), original_size=(shape[0] + 1, shape[1] + 2),
-            level=level, budget_deadline=None if budget_s is None else now + budget_s, hard_deadline=now + hard_s,
-            future=asyncio.get_running_loop().create_future(),
+            pixels=np.full((*size, 3), request_id, dtype=np.uint8), original_size=size, pool="task", model=None,
+            admitted=plan, budget_deadline=None if budget_s is None else now + budget_s, hard_deadline=now + hard_s,
+            future=asyncio.get_running_loop().create_future(), quality=quality, explicit=explicit,
         )
 
-    def submit(self, *args, **kwargs) -> WorkItem:
-        item = self.item(*args, **kwargs)
+    def submit(self, request_id: int, **kwargs) -> WorkItem:
+        item = self.item(request_id, **kwargs)
         self.scheduler.submit(item)
         return item
 
@@ -108,7 +133,7 @@ class Harness:
         """Occupy the (first) worker with request 0 until the gate opens."""
         self.recorder.gate.clear()
         self.recorder.started.clear()
-        item = self.submit(0, level=CHEAP, shape=OTHER_SHAPE)
+        item = self.submit(0, size=OTHER_SIZE, explicit=CHEAP)
         await until(self.recorder.started.is_set)
         return item
 
@@ -122,17 +147,19 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(workers: int = 1, **options) -> AsyncIterator[Harness]:
+async def running(workers: int = 1, profile: TableProfile | None = None, **options) -> AsyncIterator[Harness]:
     """A running scheduler over `workers` fake-backed workers (max batch 4, 20 ms queue delay unless given)."""
     recorder = Recorder()
     recorder.gate.set()
-    pool = WorkerPool(lambda: FakeBackend(recorder), workers)
-    metrics, profile = Metrics(), make_profile()
+    pool = WorkerPool({MODEL: lambda: FakeBackend(recorder)}, workers)
+    metrics, profile = Metrics(), profile or flat_profile()
+    planner = Planner(profile.estimate, shape_of, lambda point, shape: True)
     settings = {"max_batch_size": 4, "max_queue_delay_s": 0.02, "max_queue_size": 64, **options}
-    scheduler = Scheduler(pool, profile, metrics, MODEL, **settings)
+    scheduler = Scheduler(pool, planner, lambda task, model: LADDER_POINTS, profile.estimate, profile.observe,
+                          metrics, **settings)
     task = asyncio.create_task(scheduler.run())
     try:
-        yield Harness(scheduler, recorder, metrics, profile)
+        yield Harness(scheduler, recorder, metrics, profile, planner)
     finally:
         recorder.gate.set()
         scheduler.stop()
@@ -155,17 +182,19 @@ def labels_of(item: WorkItem) -> int:
 
 # ----- batching -----
 
-async def test_requests_with_the_same_plan_share_one_batch(h: Harness) -> None:
+async def test_requests_of_one_size_share_one_batch(h: Harness) -> None:
     items = [h.submit(i) for i in range(1, 5)]
     await asyncio.gather(*(item.future for item in items))
-    assert h.recorder.batches == [(FULL.name, (1, 2, 3, 4), SHAPE)]
+    assert h.recorder.batches == [(FULL.level.name, (1, 2, 3, 4), SIZE)]
     for i, item in enumerate(items, start=1):
         result = item.future.result()
         assert labels_of(item) == i  # each request gets its own mask back
         assert result.batch_size == 4
-        assert result.compute_s == pytest.approx(FORWARD_S + POSTPROCESS_S)
+        assert result.plan.point == FULL and result.plan.reason == PlanReason.DEFAULT
+        assert result.compute_s == pytest.approx(FORWARD_S)
     assert h.metrics.registry.get_sample_value(
-        "segserve_batch_size_sum", {"model": MODEL, "level": FULL.name}) == 4
+        "segserve_batch_size_sum", {"model": MODEL, "point": FULL.name}) == 4
+    assert h.profile.observed == [(FULL.name, 4, pytest.approx(FORWARD_S))]  # the batch taught the profile
 
 
 async def test_a_batch_closes_at_the_maximum_size(h: Harness) -> None:
@@ -173,19 +202,19 @@ async def test_a_batch_closes_at_the_maximum_size(h: Harness) -> None:
     items = [h.submit(i) for i in range(1, 7)]
     h.recorder.gate.set()
     await asyncio.gather(*(item.future for item in items))
-    sizes = [len(ids) for level, ids, _ in h.recorder.batches if level == FULL.name]
+    sizes = [len(ids) for level, ids, _ in h.recorder.batches[1:]]
     assert sizes == [4, 2]
     assert sorted(h.recorder.computed_ids()) == list(range(7))
 
 
-async def test_levels_and_shapes_never_share_a_batch(h: Harness) -> None:
+async def test_sizes_explicit_points_and_budgeted_requests_never_share_a_batch(h: Harness) -> None:
     await h.busy()
-    items = [h.submit(1), h.submit(2, level=CHEAP), h.submit(3, shape=OTHER_SHAPE), h.submit(4),
-             h.submit(5, level=CHEAP), h.submit(6, shape=OTHER_SHAPE)]
+    items = [h.submit(1), h.submit(2, explicit=POINTS[2]), h.submit(3, size=OTHER_SIZE), h.submit(4),
+             h.submit(5, explicit=POINTS[2]), h.submit(6, size=OTHER_SIZE), h.submit(7, budget_s=20.0)]
     h.recorder.gate.set()
     await asyncio.gather(*(item.future for item in items))
-    batches = {(level, shape): ids for level, ids, shape in h.recorder.batches[1:]}
-    assert batches == {(FULL.name, SHAPE): (1, 4), (CHEAP.name, SHAPE): (2, 5), (FULL.name, OTHER_SHAPE): (3, 6)}
+    batches = sorted(ids for _, ids, _ in h.recorder.batches[1:])
+    assert batches == [(1, 4), (2, 5), (3, 6), (7,)]
     assert all(labels_of(item) == i for i, item in enumerate(items, start=1))
 
 
@@ -204,19 +233,6 @@ async def test_a_budget_deadline_closes_the_batch_before_the_queue_delay() -> No
         assert item.future.result().queue_s >= 0.2
 
 
-async def test_ready_batches_go_earliest_deadline_first() -> None:
-    async with running(max_queue_delay_s=0.0) as h:
-        await h.busy()
-        late = h.submit(1, level=FULL, budget_s=20.0)
-        early = h.submit(2, level=LADDER[1], budget_s=10.0)
-        no_budget = h.submit(3, level=LADDER[2], hard_s=25.0)
-        h.recorder.gate.set()
-        await asyncio.gather(late.future, early.future, no_budget.future)
-        # Budgeted requests of one shape share a queue whatever their admission level (the level is bound
-        # at dispatch), ordered earliest deadline first; the unbudgeted one keeps its own queue and goes last.
-        assert [ids for _, ids, _ in h.recorder.batches[1:]] == [(2, 1), (3,)]
-
-
 async def test_within_a_queue_the_earliest_deadlines_go_first(h: Harness) -> None:
     await h.busy()
     items = [h.submit(i, budget_s=10.0 - i) for i in range(1, 7)]  # later ids have earlier deadlines
@@ -225,10 +241,21 @@ async def test_within_a_queue_the_earliest_deadlines_go_first(h: Harness) -> Non
     assert [ids for _, ids, _ in h.recorder.batches[1:]] == [(6, 5, 4, 3), (2, 1)]
 
 
+async def test_ready_batches_go_earliest_deadline_first() -> None:
+    async with running(max_queue_delay_s=0.0) as h:
+        await h.busy()
+        late = h.submit(1, budget_s=20.0, size=(40, 40))
+        early = h.submit(2, budget_s=10.0)
+        no_budget = h.submit(3, hard_s=25.0, size=OTHER_SIZE)
+        h.recorder.gate.set()
+        await asyncio.gather(late.future, early.future, no_budget.future)
+        assert [ids for _, ids, _ in h.recorder.batches[1:]] == [(2,), (1,), (3,)]
+
+
 async def test_two_workers_run_two_batches_at_once() -> None:
     async with running(workers=2, max_queue_delay_s=0.0) as h:
         h.recorder.gate.clear()
-        first, second = h.submit(1), h.submit(2, level=CHEAP)
+        first, second = h.submit(1), h.submit(2, size=OTHER_SIZE)
         await until(lambda: len(h.recorder.batches) == 2)  # both started while the gate is closed
         h.recorder.gate.set()
         await asyncio.gather(first.future, second.future)
@@ -263,6 +290,27 @@ async def test_a_request_past_its_hard_deadline_gets_504_without_compute(h: Harn
     assert h.recorder.computed_ids() == [0, 2]
 
 
+async def test_a_request_predicted_to_finish_past_its_hard_deadline_is_never_dispatched() -> None:
+    # Every point takes at least 25 ms; a request with 10 ms of hard deadline left cannot finish in time.
+    async with running(profile=stepped_profile(), max_queue_delay_s=0.0) as h:
+        hopeless = h.submit(1, hard_s=0.01, budget_s=0.01)
+        with pytest.raises(DeadlineExpired, match="could not finish before its deadline"):
+            await asyncio.wait_for(hopeless.future, 3.0)
+        assert h.recorder.batches == []
+
+
+async def test_a_batch_never_makes_a_member_late_past_its_hard_deadline() -> None:
+    # Explicit full point, 200 ms per image: a batch of 4 takes 800 ms; member 1 has 500 ms of hard deadline.
+    async with running(profile=stepped_profile(), max_queue_delay_s=0.0) as h:
+        await h.busy()
+        urgent = h.submit(1, explicit=FULL, hard_s=0.5)
+        others = [h.submit(i, explicit=FULL, hard_s=30.0) for i in (2, 3, 4)]
+        h.recorder.gate.set()
+        await asyncio.gather(urgent.future, *(item.future for item in others))
+        first = h.recorder.batches[1][1]
+        assert first[0] == 1 and len(first) <= 2  # at most 400 ms: within the urgent member's 500 ms
+
+
 async def test_an_already_expired_request_is_not_computed_even_with_an_idle_worker(h: Harness) -> None:
     item = h.submit(1, hard_s=-0.001)
     with pytest.raises(DeadlineExpired):
@@ -281,10 +329,10 @@ async def test_a_cancelled_request_is_dropped_without_compute(h: Harness) -> Non
 
 
 async def test_a_failing_batch_fails_only_its_own_requests(h: Harness) -> None:
-    h.recorder.fail_levels.add(FULL.name)
+    h.recorder.fail_levels.add(FULL.level.name)
     await h.busy()
     failing = [h.submit(1), h.submit(2)]
-    fine = h.submit(3, level=LADDER[1])
+    fine = h.submit(3, explicit=POINTS[1])
     h.recorder.gate.set()
     for item in failing:
         with pytest.raises(InferenceFailed, match="boom") as failed:
@@ -299,30 +347,21 @@ async def test_a_failing_batch_fails_only_its_own_requests(h: Harness) -> None:
     assert labels_of(again) == 4
 
 
-# ----- backlog, observation, drain -----
+# ----- backlog and drain -----
 
 async def test_backlog_counts_running_and_queued_work(h: Harness) -> None:
     assert h.scheduler.backlog_s() == 0.0
-    h.profile.set(CHEAP, 1, 5.0)  # the running batch is predicted to take 5 s (the other shape has as many pixels)
+    h.profile.per_image[CHEAP.name] = 5.0  # the running batch is predicted to take 5 s
     await h.busy()
-    running = h.scheduler.backlog_s()
-    assert 4.0 < running <= 5.0
+    running_s = h.scheduler.backlog_s()
+    assert 4.0 < running_s <= 5.0
     h.submit(1)
     h.submit(2)
     queued = h.scheduler.backlog_s()
-    assert queued - running == pytest.approx(h.profile.estimate(FULL, SHAPE, 2), abs=0.01)
+    assert queued - running_s == pytest.approx(h.profile.estimate(FULL, SIZE, 2), abs=0.01)
     h.recorder.gate.set()
     await until(lambda: h.scheduler.queued() == 0 and h.scheduler.in_flight() == 0)
     assert h.scheduler.backlog_s() == 0.0
-
-
-async def test_observed_batches_refine_the_profile(h: Harness) -> None:
-    before = h.profile.table()[FULL.name][1]
-    item = h.submit(1)
-    await item.future
-    after = h.profile.table()[FULL.name][1]
-    assert after < before  # 5 ms observed against 50 ms predicted
-    assert after == pytest.approx(0.8 * before + 0.2 * (FORWARD_S + POSTPROCESS_S))
 
 
 async def test_drain_finishes_accepted_work_then_refuses(h: Harness) -> None:
@@ -356,63 +395,47 @@ async def test_a_ready_batch_waits_for_a_worker_without_polling(h: Harness) -> N
     assert loops < 20, f"{loops} scheduler loops in 0.5 s while waiting for a busy worker"
 
 
-# ----- late binding: the level is re-planned when the batch is dispatched -----
+# ----- late binding: the point is re-planned by the same planner when the batch is dispatched -----
 
-BIG = (256, 320)  # every level of the ladder can pool an input this size (SHAPE fits the full level only)
-
-
-def ladder_profile(harness: Harness, full_ms: float = 200.0, step_ms: float = 30.0) -> None:
-    """Distinct latencies per level at BIG: full 200 ms, then 30 ms cheaper per rank (cheapest 50 ms)."""
-    # smoothing 0: the fake backend's instant batches must not teach the profile anything here.
-    profile = LatencyProfile(LADDER, BIG, lambda level, shape: 1.0, smoothing=0.0)
-    for level in LADDER:
-        for batch in (1, 2, 4):
-            profile.set(level, batch, (full_ms - step_ms * level.rank) * batch / 1e3)
-    harness.scheduler.profile = harness.profile = profile
-
-
-async def test_a_batch_that_would_miss_its_budget_is_downgraded_at_dispatch(h: Harness) -> None:
-    ladder_profile(h)
-    await h.busy()
-    # Planned at full when admitted; by the time the worker frees up only ~120 ms of budget are left.
-    item = h.submit(1, level=FULL, shape=BIG, budget_s=0.25)
-    await asyncio.sleep(0.13)
-    h.recorder.gate.set()
-    result = await item.future
-    assert result.level.rank > FULL.rank
-    assert h.recorder.batches[-1][0] == result.level.name
-    # 200 - 30 * rank must fit the remaining ~120 ms (no margin configured): rank >= 3.
-    assert result.level.rank >= 3
+async def test_a_batch_that_would_miss_its_budget_moves_to_a_cheaper_point_at_dispatch() -> None:
+    async with running(profile=stepped_profile(), max_queue_delay_s=0.0) as h:
+        await h.busy()
+        # Admitted at full; by the time the worker frees up only ~120 ms of the budget are left.
+        item = h.submit(1, budget_s=0.25)
+        await asyncio.sleep(0.13)
+        h.recorder.gate.set()
+        result = await item.future
+        # 200 - 25 * step must fit the remaining ~120 ms (no margin configured): step >= 4.
+        assert LADDER_POINTS.index(result.plan.point) >= 4
+        assert result.plan.reason == PlanReason.BUDGET
+        assert h.recorder.batches[-1][0] == result.plan.point.level.name
+        assert h.recorder.batches[-1][2] == shape_of(result.plan.point, SIZE)  # preprocessed for that point
 
 
-async def test_a_request_whose_backlog_cleared_is_upgraded_at_dispatch(h: Harness) -> None:
-    ladder_profile(h)
-    item = h.submit(1, level=CHEAP, shape=BIG, budget_s=5.0)  # planned cheap (say, behind a backlog that then cleared)
-    result = await item.future
-    assert result.level == FULL
+async def test_a_request_whose_backlog_cleared_gets_the_best_point_at_dispatch() -> None:
+    async with running(profile=stepped_profile()) as h:
+        item = h.submit(1, budget_s=5.0, admitted=CHEAP)  # admitted cheap (behind a backlog that then cleared)
+        assert (await item.future).plan.point == FULL
 
 
-async def test_re_planning_respects_the_quality_cap_and_explicit_levels(h: Harness) -> None:
-    ladder_profile(h)
-    capped = h.item(1, level=CHEAP, shape=BIG, budget_s=5.0)
-    capped.best_rank = 2
-    h.scheduler.submit(capped)
-    assert (await capped.future).level.rank == 2  # may go up, but not above its quality cap
-    pinned = h.item(2, level=CHEAP, shape=BIG, budget_s=5.0)
-    pinned.pinned = True
-    h.scheduler.submit(pinned)
-    assert (await pinned.future).level == CHEAP
-    no_budget = h.submit(3, level=LADDER[2], shape=BIG)
-    assert (await no_budget.future).level == LADDER[2]  # without a deadline the admission plan stands
+async def test_re_planning_respects_the_quality_cap_and_explicit_points() -> None:
+    async with running(profile=stepped_profile()) as h:
+        capped = h.submit(1, budget_s=5.0, quality=0.5)  # qualities 40..50: the cap is 45
+        assert (await capped.future).plan.point.quality <= 45.0
+        assert (await capped.future).plan.point == POINTS[5]  # the best at or under the cap
+        pinned = h.submit(2, budget_s=5.0, explicit=CHEAP)
+        assert (await pinned.future).plan.point == CHEAP
+        no_budget = h.submit(3)
+        assert (await no_budget.future).plan.point == FULL  # no deadline: the best point
 
 
-async def test_a_batch_is_cut_to_the_urgent_requests_when_a_full_one_would_be_late(h: Harness) -> None:
-    ladder_profile(h)  # cheapest level: 50 ms per image, 200 ms for a batch of 4
-    await h.busy()
-    urgent = h.submit(1, level=FULL, shape=BIG, budget_s=0.2)
-    relaxed = [h.submit(i, level=FULL, shape=BIG, budget_s=5.0) for i in (2, 3, 4)]
-    h.recorder.gate.set()
-    await asyncio.gather(urgent.future, *(item.future for item in relaxed))
-    first = h.recorder.batches[1]
-    assert first[1][0] == 1 and len(first[1]) < 4  # the urgent one went first, in a smaller batch
-    assert urgent.future.result().level.rank > 0
+async def test_a_batch_is_cut_to_the_urgent_requests_when_a_full_one_would_be_late() -> None:
+    async with running(profile=stepped_profile(), max_queue_delay_s=0.0) as h:
+        await h.busy()
+        urgent = h.submit(1, budget_s=0.2)
+        relaxed = [h.submit(i, budget_s=5.0) for i in (2, 3, 4)]
+        h.recorder.gate.set()
+        await asyncio.gather(urgent.future, *(item.future for item in relaxed))
+        first = h.recorder.batches[1]
+        assert first[1][0] == 1 and len(first[1]) < 4  # the urgent one went first, in a smaller batch
+        assert urgent.future.result().plan.point != FULL

@@ -24,33 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0esegserve.proto\x12\x0bsegserve.v1\"\xcc\x01\n\x0eSegmentRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1e\n\x11latency_budget_ms\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07quality\x18\x04 \x01(\t\x12\r\n\x05level\x18\x05 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x0e\n\x06strict\x18\x07 \x01(\x08\x12\x17\n\ntimeout_ms\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\x14\n\x12_latency_budget_msB\r\n\x0b_timeout_ms\"\xa7\x02\n\x07Receipt\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0b\n\x03isr\x18\x03 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\ncompute_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12\x16\n\tbudget_ms\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nbudget_met\x18\n \x01(\x08H\x01\x88\x01\x01\x12\x14\n\x0cpredicted_ms\x18\x0b \x01(\x01\x12\x13\n\x0bplan_reason\x18\x0c \x01(\t\x12\x0e\n\x06height\x18\r \x01(\x05\x12\r\n\x05width\x18\x0e \x01(\x05\x42\x0c\n\n_budget_msB\r\n\x0b_budget_met\"\\\n\x0fSegmentResponse\x12\x0c\n\x04mask\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12%\n\x07receipt\x18\x03 \x01(\x0b\x32\x14.segserve.v1.Receipt\"\x13\n\x11ListModelsRequest\"-\n\tIsrConfig\x12\x0f\n\x07\x65ncoder\x18\x01 \x03(\x05\x12\x0f\n\x07\x64\x65\x63oder\x18\x02 \x03(\x05\"\xc0\x01\n\x05Level\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12#\n\x03isr\x18\x03 \x01(\x0b\x32\x16.segserve.v1.IsrConfig\x12\r\n\x05gmacs\x18\x04 \x01(\x01\x12\x35\n\nlatency_ms\x18\x05 \x03(\x0b\x32!.segserve.v1.Level.LatencyMsEntry\x1a\x30\n\x0eLatencyMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbd\x01\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x0f\n\x07weights\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x19\n\x11\x63\x61libration_shape\x18\x08 \x03(\x05\x12\"\n\x06levels\x18\t \x03(\x0b\x32\x12.segserve.v1.Level\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.segserve.v1.Model2\xa3\x01\n\x0cSegmentation\x12\x44\n\x07Segment\x12\x1b.segserve.v1.SegmentRequest\x1a\x1c.segserve.v1.SegmentResponse\x12M\n\nListModels\x12\x1e.segserve.v1.ListModelsRequest\x1a\x1f.segserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0esegserve.proto\x12\x0bsegserve.v1\"\xe9\x01\n\x0eSegmentRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1e\n\x11latency_budget_ms\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07quality\x18\x04 \x01(\t\x12\r\n\x05level\x18\x05 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x0e\n\x06strict\x18\x07 \x01(\x08\x12\x17\n\ntimeout_ms\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04task\x18\t \x01(\t\x12\r\n\x05point\x18\n \x01(\tB\x14\n\x12_latency_budget_msB\r\n\x0b_timeout_ms\"\x91\x04\n\x07Receipt\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0b\n\x03isr\x18\x03 \x01(\t\x12\r\n\x05\x63\x61\x63he\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\ncompute_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12\x16\n\tbudget_ms\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nbudget_met\x18\n \x01(\x08H\x01\x88\x01\x01\x12\x14\n\x0cpredicted_ms\x18\x0b \x01(\x01\x12\x13\n\x0bplan_reason\x18\x0c \x01(\t\x12\x0e\n\x06height\x18\r \x01(\x05\x12\r\n\x05width\x18\x0e \x01(\x05\x12\r\n\x05point\x18\x0f \x01(\t\x12\x0c\n\x04knob\x18\x10 \x01(\t\x12\x12\n\nknob_value\x18\x11 \x01(\t\x12\r\n\x05scale\x18\x12 \x01(\x01\x12\x0f\n\x07quality\x18\x13 \x01(\x01\x12\x16\n\x0equality_source\x18\x14 \x01(\t\x12\x0c\n\x04task\x18\x15 \x01(\t\x12.\n\x05stats\x18\x16 \x03(\x0b\x32\x1f.segserve.v1.Receipt.StatsEntry\x1a\x41\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.segserve.v1.Values:\x02\x38\x01\x42\x0c\n\n_budget_msB\r\n\x0b_budget_met\"\x18\n\x06Values\x12\x0e\n\x06values\x18\x01 \x03(\x01\"\\\n\x0fSegmentResponse\x12\x0c\n\x04mask\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12%\n\x07receipt\x18\x03 \x01(\x0b\x32\x14.segserve.v1.Receipt\"\x13\n\x11ListModelsRequest\"-\n\tIsrConfig\x12\x0f\n\x07\x65ncoder\x18\x01 \x03(\x05\x12\x0f\n\x07\x64\x65\x63oder\x18\x02 \x03(\x05\"\xd4\x01\n\x05Level\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12#\n\x03isr\x18\x03 \x01(\x0b\x32\x16.segserve.v1.IsrConfig\x12\r\n\x05gmacs\x18\x04 \x01(\x01\x12\x35\n\nlatency_ms\x18\x05 \x03(\x0b\x32!.segserve.v1.Level.LatencyMsEntry\x12\x12\n\nknob_value\x18\x06 \x01(\t\x1a\x30\n\x0eLatencyMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb4\x02\n\x05Point\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05level\x18\x03 \x01(\t\x12\x12\n\nknob_value\x18\x04 \x01(\t\x12\r\n\x05scale\x18\x05 \x01(\x01\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x15\n\rnetwork_input\x18\x07 \x03(\x05\x12\r\n\x05gmacs\x18\x08 \x01(\x01\x12\x35\n\nlatency_ms\x18\t \x03(\x0b\x32!.segserve.v1.Point.LatencyMsEntry\x12\x0f\n\x07quality\x18\n \x01(\x01\x12\x16\n\x0equality_source\x18\x0b \x01(\t\x12\x11\n\ton_ladder\x18\x0c \x01(\x08\x1a\x30\n\x0eLatencyMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb3\x02\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x0f\n\x07weights\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x19\n\x11\x63\x61libration_shape\x18\x08 \x03(\x05\x12\"\n\x06levels\x18\t \x03(\x0b\x32\x12.segserve.v1.Level\x12\x14\n\x0c\x61rchitecture\x18\n \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x0b \x01(\t\x12\x0c\n\x04task\x18\x0c \x01(\t\x12\x0c\n\x04knob\x18\r \x01(\t\x12\x0e\n\x06scales\x18\x0e \x03(\x01\x12\"\n\x06points\x18\x0f \x03(\x0b\x32\x12.segserve.v1.Point\"4\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x0e\n\x06ladder\x18\x03 \x03(\t\"\x9e\x01\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.segserve.v1.Model\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_task\x18\x03 \x01(\t\x12 \n\x05tasks\x18\x04 \x03(\x0b\x32\x11.segserve.v1.Task\x12\x15\n\rquality_prior\x18\x05 \x01(\t2\xa3\x01\n\x0cSegmentation\x12\x44\n\x07Segment\x12\x1b.segserve.v1.SegmentRequest\x1a\x1c.segserve.v1.SegmentResponse\x12M\n\nListModels\x12\x1e.segserve.v1.ListModelsRequest\x1a\x1f.segserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'segserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RECEIPT_STATSENTRY']._loaded_options = None
+  _globals['_RECEIPT_STATSENTRY']._serialized_options = b'8\001'
   _globals['_LEVEL_LATENCYMSENTRY']._loaded_options = None
   _globals['_LEVEL_LATENCYMSENTRY']._serialized_options = b'8\001'
+  _globals['_POINT_LATENCYMSENTRY']._loaded_options = None
+  _globals['_POINT_LATENCYMSENTRY']._serialized_options = b'8\001'
   _globals['_SEGMENTREQUEST']._serialized_start=32
-  _globals['_SEGMENTREQUEST']._serialized_end=236
-  _globals['_RECEIPT']._serialized_start=239
-  _globals['_RECEIPT']._serialized_end=534
-  _globals['_SEGMENTRESPONSE']._serialized_start=536
-  _globals['_SEGMENTRESPONSE']._serialized_end=628
-  _globals['_LISTMODELSREQUEST']._serialized_start=630
-  _globals['_LISTMODELSREQUEST']._serialized_end=649
-  _globals['_ISRCONFIG']._serialized_start=651
-  _globals['_ISRCONFIG']._serialized_end=696
-  _globals['_LEVEL']._serialized_start=699
-  _globals['_LEVEL']._serialized_end=891
-  _globals['_LEVEL_LATENCYMSENTRY']._serialized_start=843
-  _globals['_LEVEL_LATENCYMSENTRY']._serialized_end=891
-  _globals['_MODEL']._serialized_start=894
-  _globals['_MODEL']._serialized_end=1083
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1085
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1141
-  _globals['_SEGMENTATION']._serialized_start=1144
-  _globals['_SEGMENTATION']._serialized_end=1307
+  _globals['_SEGMENTREQUEST']._serialized_end=265
+  _globals['_RECEIPT']._serialized_start=268
+  _globals['_RECEIPT']._serialized_end=797
+  _globals['_RECEIPT_STATSENTRY']._serialized_start=703
+  _globals['_RECEIPT_STATSENTRY']._serialized_end=768
+  _globals['_VALUES']._serialized_start=799
+  _globals['_VALUES']._serialized_end=823
+  _globals['_SEGMENTRESPONSE']._serialized_start=825
+  _globals['_SEGMENTRESPONSE']._serialized_end=917
+  _globals['_LISTMODELSREQUEST']._serialized_start=919
+  _globals['_LISTMODELSREQUEST']._serialized_end=938
+  _globals['_ISRCONFIG']._serialized_start=940
+  _globals['_ISRCONFIG']._serialized_end=985
+  _globals['_LEVEL']._serialized_start=988
+  _globals['_LEVEL']._serialized_end=1200
+  _globals['_LEVEL_LATENCYMSENTRY']._serialized_start=1152
+  _globals['_LEVEL_LATENCYMSENTRY']._serialized_end=1200
+  _globals['_POINT']._serialized_start=1203
+  _globals['_POINT']._serialized_end=1511
+  _globals['_POINT_LATENCYMSENTRY']._serialized_start=1152
+  _globals['_POINT_LATENCYMSENTRY']._serialized_end=1200
+  _globals['_MODEL']._serialized_start=1514
+  _globals['_MODEL']._serialized_end=1821
+  _globals['_TASK']._serialized_start=1823
+  _globals['_TASK']._serialized_end=1875
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1878
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2036
+  _globals['_SEGMENTATION']._serialized_start=2039
+  _globals['_SEGMENTATION']._serialized_end=2202
 # @@protoc_insertion_point(module_scope)

@@ -57,7 +57,7 @@ class SegmentationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The served models, their classes and ISR levels with GMACs and calibrated latency (GET /v1/models).
+        """The served models, their operating points (GMACs, calibrated latency, quality) and ladders (GET /v1/models).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,56 +1,65 @@
-"""What a worker asks of a backend: one batch in, label maps at the original sizes out."""
+"""What a worker asks of a backend: decoded images in, label maps at the original sizes out.
+
+The shared code here preprocesses (resize to the network input, normalize), runs the model's test pipeline
+(whole image, or sliding windows) through the backend's forward, and postprocesses (two bilinear resizes and
+the argmax) in the worker thread, where the logits already are: the event loop only ever sees uint8 label maps.
+"""
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from models.datasets import DatasetInfo
-from models.isr import IsrConfig
 from models.postprocess import labels_from_logits
-from models.predict import slide_logits
+from models.predict import network_logits, preprocess
+from models.spec import Level
+
+Shape = tuple[int, int]
 
 
 @dataclass
 class BatchOutput:
     labels: list[np.ndarray]  # one (H, W) map per item, at its original size
+    preprocess_s: float  # resize + normalize of every item
     forward_s: float  # the model itself
     postprocess_s: float  # resize to input and original size + argmax
+    stats: dict[str, list[list[float]]] = field(default_factory=dict)  # key -> per item -> values
+
+    @property
+    def compute_s(self) -> float:
+        return self.preprocess_s + self.forward_s + self.postprocess_s
 
 
 class Backend(ABC):
-    """Runs `logits(images, isr)` somewhere; the shared code does slide inference and postprocessing.
-
-    Postprocessing (two bilinear resizes and the argmax) happens here, in the worker, where the logits
-    already are: the event loop only ever sees uint8 label maps.
-    """
+    """Runs one model's `forward_with_stats(images, **knob)` somewhere; the shared code does the rest."""
 
     name = "base"
 
-    def __init__(self, dataset: DatasetInfo) -> None:
-        self.dataset = dataset
+    def __init__(self, pipeline: DatasetInfo) -> None:
+        self.pipeline = pipeline
 
     @abstractmethod
-    def logits(self, images: torch.Tensor, isr: IsrConfig) -> torch.Tensor:
-        """(B, 3, H, W) normalized float -> (B, K, ceil(H/8), ceil(W/8))."""
+    def forward_with_stats(self, images: torch.Tensor, **knob: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B, 3, H, W) normalized float -> logits (B, K, h, w) on the CPU, and per-image statistics."""
 
-    def run(self, images: torch.Tensor, isr: IsrConfig, original_sizes: Sequence[tuple[int, int]]) -> BatchOutput:
-        input_size = (int(images.shape[-2]), int(images.shape[-1]))
+    def run(self, pixels: Sequence[np.ndarray], shape: Shape, level: Level,
+            original_sizes: Sequence[Shape]) -> BatchOutput:
         start = time.perf_counter()
+        pipeline = self.pipeline
+        images = torch.cat([preprocess(p, shape, pipeline.mean, pipeline.std) for p in pixels])
+        prepared = time.perf_counter()
         with torch.inference_mode():
-            if self.dataset.test_mode == "slide" and self.dataset.slide_crop and self.dataset.slide_stride:
-                crop, stride = self.dataset.slide_crop, self.dataset.slide_stride
-                logits = slide_logits(self.logits, images, crop, stride, isr=isr)
-            else:
-                logits = self.logits(images, isr)
+            logits, stats = network_logits(self, images, pipeline, **level.kwargs)
             forward_done = time.perf_counter()
-            labels = [
-                labels_from_logits(logits[i : i + 1], input_size, size)[0] for i, size in enumerate(original_sizes)
-            ]
+            labels = [labels_from_logits(logits[i : i + 1], shape, size)[0] for i, size in enumerate(original_sizes)]
         end = time.perf_counter()
-        return BatchOutput(labels, forward_done - start, end - forward_done)
+        per_item = {key: [[float(v) for v in value[i].reshape(-1)] for i in range(len(pixels))]
+                    for key, value in stats.items()}
+        return BatchOutput(labels, prepared - start, forward_done - prepared, end - forward_done, per_item)

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from models.datasets import DatasetInfo
-from models.isr import IsrConfig
 from service.workers.backends.base import Backend
 
 
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, dataset: DatasetInfo, device: str = "cpu") -> None:
-        super().__init__(dataset)
+    def __init__(self, model: torch.nn.Module, pipeline: DatasetInfo, device: str = "cpu") -> None:
+        super().__init__(pipeline)
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
         self.device = torch.device(device)
-        # The module is shared between workers: its forward keeps no state (ISR is an argument).
+        # The module is shared between workers: its forward keeps no state (the knob is an argument).
         self.model = model.to(self.device).eval()
 
-    def logits(self, images: torch.Tensor, isr: IsrConfig) -> torch.Tensor:
-        return self.model(images.to(self.device, non_blocking=True), isr).float().cpu()
+    def forward_with_stats(self, images: torch.Tensor, **knob: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, stats = self.model.forward_with_stats(images.to(self.device, non_blocking=True), **knob)
+        return logits.float().cpu(), {key: value.cpu() for key, value in stats.items()}

@@ -1,0 +1,192 @@
+"""Latency per operating point and batch size: seeded from a few measured anchors, refined by every batch.
+
+Each point has a reference shape (the network input of a calibration-sized image at the point's scale) and a
+row of seconds per batch size there. Rows start from calibration (`seed`): measured directly for anchor
+points, derived for the rest from a per-model affine fit `t = a + c * GMACs` over the anchors (fixed cost plus
+cost per GMAC, one fit per batch size). Every executed batch refines its point's row by an exponentially
+weighted average, after normalizing its time to the reference shape by the same fit. An entry that has not
+run yet is scaled by its model's drift (the average ratio of observed to seeded time), so that a model that
+calibrated slow under contention is corrected everywhere, not only where traffic happened to go.
+
+Thread-safe: workers observe while the event loop estimates. Plain data only (no torch): the GMAC counts
+come from a callback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from service.points import Point
+
+log = logging.getLogger(__name__)
+Shape = tuple[int, int]
+PROFILE_VERSION = 1
+
+
+def interpolate(row: Mapping[int, float], batch_size: int) -> float:
+    """Linear in batch size between known sizes; outside them, the per-item cost of the nearest end."""
+    if batch_size in row:
+        return row[batch_size]
+    sizes = sorted(row)
+    if batch_size < sizes[0]:
+        return row[sizes[0]] * batch_size / sizes[0]
+    if batch_size > sizes[-1]:
+        return row[sizes[-1]] * batch_size / sizes[-1]
+    upper = next(s for s in sizes if s > batch_size)
+    lower = max(s for s in sizes if s < batch_size)
+    weight = (batch_size - lower) / (upper - lower)
+    return row[lower] * (1 - weight) + row[upper] * weight
+
+
+def affine_fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept seconds, seconds per GMAC) through (GMACs, seconds) samples; proportional when the
+    least-squares line is not physical (negative fixed cost or slope) or there is one distinct GMAC value."""
+    xs = [g for g, _ in samples]
+    if len(set(xs)) < 2:
+        ratio = sum(t for _, t in samples) / sum(xs)
+        return 0.0, ratio
+    n = len(samples)
+    mean_x, mean_y = sum(xs) / n, sum(t for _, t in samples) / n
+    var = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((g - mean_x) * (t - mean_y) for g, t in samples) / var
+    intercept = mean_y - slope * mean_x
+    if slope <= 0 or intercept < 0:
+        ratio = sum(t for _, t in samples) / sum(xs)
+        return 0.0, ratio
+    return intercept, slope
+
+
+class LatencyProfile:
+    """Seconds per batch by point and batch size at each point's reference shape, plus the shape scaling."""
+
+    def __init__(self, gmacs: Callable[[Point, Shape], float], smoothing: float = 0.2) -> None:
+        self._gmacs = gmacs
+        self._smoothing = smoothing
+        self._reference: dict[str, Shape] = {}  # point name -> reference network shape
+        self._model_of: dict[str, str] = {}
+        self._seeded: dict[str, dict[int, float]] = {}
+        self._observed: dict[str, dict[int, float]] = {}
+        self._fits: dict[str, dict[int, tuple[float, float]]] = {}  # model -> batch -> (a, c)
+        self.drift: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    # ----- set-up -----
+    def register(self, point: Point, reference_shape: Shape) -> None:
+        with self._lock:
+            self._reference[point.name] = reference_shape
+            self._model_of[point.name] = point.model
+            self._seeded.setdefault(point.name, {})
+            self._observed.setdefault(point.name, {})
+            self.drift.setdefault(point.model, 1.0)
+
+    def reference_shape(self, point: Point) -> Shape:
+        return self._reference[point.name]
+
+    def seed(self, model: str, anchors: Mapping[str, Mapping[int, float]], points: list[Point]) -> None:
+        """Seed every point of `model` from measured anchors {point name: {batch: seconds}}."""
+        batches = sorted({b for row in anchors.values() for b in row})
+        fits = {}
+        for batch in batches:
+            samples = [(self._gmacs(p, self._reference[p.name]), anchors[p.name][batch])
+                       for p in points if p.name in anchors and batch in anchors[p.name]]
+            fits[batch] = affine_fit(samples)
+        with self._lock:
+            self._fits[model] = fits
+            for point in points:
+                measured = anchors.get(point.name, {})
+                gmacs = self._gmacs(point, self._reference[point.name])
+                self._seeded[point.name] = {b: measured.get(b, a + c * gmacs) for b, (a, c) in fits.items()}
+                self._observed[point.name] = {}
+            self.drift[model] = 1.0
+
+    def seeded(self, point: Point) -> bool:
+        return bool(self._seeded.get(point.name))
+
+    # ----- estimates -----
+    def _row(self, name: str) -> dict[int, float]:
+        drift = self.drift.get(self._model_of[name], 1.0)
+        row = {b: s * drift for b, s in self._seeded[name].items()}
+        row.update(self._observed[name])
+        return row
+
+    def _shape_factor(self, point: Point, shape: Shape) -> float:
+        reference = self._reference[point.name]
+        if shape == reference:
+            return 1.0
+        a, c = self._fits.get(point.model, {}).get(1, (0.0, 1.0))
+        here, there = self._gmacs(point, shape), self._gmacs(point, reference)
+        return (a + c * here) / max(a + c * there, 1e-12)
+
+    def estimate(self, point: Point, shape: Shape, batch_size: int = 1) -> float:
+        """Seconds to run a batch of `batch_size` at `shape` (network input) at this point."""
+        with self._lock:
+            row = self._row(point.name)
+            if not row:
+                raise RuntimeError(f"point {point.name} has not been calibrated")
+            seconds = interpolate(row, batch_size)
+        return seconds * self._shape_factor(point, shape)
+
+    def observe(self, point: Point, shape: Shape, batch_size: int, seconds: float) -> None:
+        """Fold an executed batch's time (normalized to the reference shape) into its entry and the drift."""
+        normalized = seconds / self._shape_factor(point, shape)
+        alpha = self._smoothing
+        with self._lock:
+            seeded = self._seeded[point.name]
+            if seeded:
+                ratio = normalized / interpolate(seeded, batch_size)
+                self.drift[point.model] = (1 - alpha) * self.drift[point.model] + alpha * ratio
+            observed = self._observed[point.name]
+            previous = observed.get(batch_size, seeded.get(batch_size))
+            observed[batch_size] = normalized if previous is None else (1 - alpha) * previous + alpha * normalized
+
+    def table(self, model: str | None = None) -> dict[str, dict[int, float]]:
+        """{point name: {batch: seconds}} at each point's reference shape (optionally one model's)."""
+        with self._lock:
+            return {name: dict(sorted(self._row(name).items())) for name in self._seeded
+                    if self._seeded[name] and (model is None or self._model_of[name] == model)}
+
+    # ----- persistence -----
+    def save(self, path: Path, model: str, key: Mapping[str, object]) -> None:
+        """Write one model's profile (seeded rows, observed rows, fits, drift) with the key it is valid for."""
+        with self._lock:
+            names = [n for n, m in self._model_of.items() if m == model]
+            data = {
+                "version": PROFILE_VERSION, "key": dict(key), "drift": self.drift.get(model, 1.0),
+                "fits": {str(b): list(ab) for b, ab in self._fits.get(model, {}).items()},
+                "seeded": {n: {str(b): s for b, s in self._seeded[n].items()} for n in names},
+                "observed": {n: {str(b): s for b, s in self._observed[n].items()} for n in names},
+            }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+
+    def load(self, path: Path, model: str, key: Mapping[str, object], points: list[Point]) -> bool:
+        """Restore a saved profile if it exists, matches `key` and covers the points; False otherwise."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION or data.get("key") != dict(key):
+            return False
+        try:
+            fits = {int(b): (float(ab[0]), float(ab[1])) for b, ab in data["fits"].items()}
+            seeded = {n: {int(b): float(s) for b, s in row.items()} for n, row in data["seeded"].items()}
+            observed = {n: {int(b): float(s) for b, s in row.items()} for n, row in data["observed"].items()}
+            drift = float(data["drift"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            log.warning("ignoring the malformed latency profile %s", path)
+            return False
+        if not fits or any(not seeded.get(p.name) for p in points):
+            return False  # a point the saved profile never measured: calibrate again
+        with self._lock:
+            self._fits[model] = fits
+            for point in points:
+                self._seeded[point.name] = seeded[point.name]
+                self._observed[point.name] = observed.get(point.name, {})
+            self.drift[model] = drift
+        return True
