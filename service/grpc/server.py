@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.describe import describe
 from service.errors import DeadlineExpired, PayloadTooLarge, ServiceError
+from service.grpc import oip
 from service.grpc.gen import segserve_pb2, segserve_pb2_grpc
 from service.pipeline import Pipeline, SegmentRequest, SegmentResult
 from service.receipt import Receipt
@@ -210,7 +211,8 @@ class GrpcServer:
         segserve_pb2_grpc.add_SegmentationServicer_to_server(
             SegmentationServicer(runtime, Pipeline(runtime)), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        extra = oip.add_to_server(self.server, runtime)  # the Open Inference Protocol beside segserve.v1
+        reflection.enable_server_reflection((SERVICE_NAME, *extra, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
 
     async def start(self) -> None:
