@@ -112,6 +112,18 @@ def read_graph_info(path: str | Path) -> GraphInfo:
     return GraphInfo(path, spec.name, level, int(num_classes) if num_classes else None)
 
 
+def _scalar_knob(name: str, value: Any) -> np.ndarray:
+    """The graph's scalar `knob` input. A per-tap value (DoViT's thresholds) is accepted when all are equal:
+    the graph holds one value for every tap."""
+    if isinstance(value, torch.Tensor):
+        values = value.detach().reshape(-1).tolist()
+    else:
+        values = list(value) if isinstance(value, (tuple, list)) else [value]
+    if not values or any(v != values[0] for v in values):
+        raise ValueError(f"this ONNX graph takes one {name} value for every tap, got {value!r}")
+    return np.asarray(float(values[0]), np.float32)
+
+
 class OnnxRunner:
     """`runner(images, **knob) -> logits` over one ONNX graph per level (or one with the knob as an input).
 
@@ -163,8 +175,7 @@ class OnnxRunner:
         if extra:
             raise TypeError(f"{self.model_name} takes no knob {', '.join(sorted(extra))}")
         if _RUNTIME in self._sessions:
-            number = np.asarray(float(value.item() if isinstance(value, torch.Tensor) else value), np.float32)
-            return self._sessions[_RUNTIME], {KNOB_INPUT_NAME: number}
+            return self._sessions[_RUNTIME], {KNOB_INPUT_NAME: _scalar_knob(spec_knob.name, value)}
         if value not in self._sessions:
             have = ", ".join(level.name for level in self._levels)
             wanted = spec_knob.level_name(value) if spec_knob is not None else "base"
