@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -35,15 +34,15 @@ import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
 
-from models.export import DEFAULT_OPSET, check_parity, export_onnx
 from models.flops import count_gmacs
 from models.isr import IsrConfig
+from models.onnx_cache import DEFAULT_CACHE_DIR
 from models.onnx_runner import OnnxRunner
 from models.registry import create_model
 from models.spec import Level
 
 log = logging.getLogger(__name__)
-DEFAULT_ONNX_DIR = Path(os.environ.get("SEGSERVE_CACHE", Path.home() / ".cache" / "segserve")) / "onnx"
+DEFAULT_ONNX_DIR = DEFAULT_CACHE_DIR  # the server's SEGSERVE_ONNX_CACHE_DIR default too: one cache for both
 
 
 @dataclass
@@ -124,24 +123,12 @@ def available_memory() -> int | None:
     return int(value.split()[0]) * 1024 if value else None
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    blobs = (n.encode() + t.cpu().contiguous().numpy().tobytes() for n, t in sorted(model.state_dict().items()))
-    return hashlib.sha256(b"".join(blobs)).hexdigest()[:12]
+def onnx_graphs(model: torch.nn.Module, levels: Sequence[Level], onnx_dir: Path) -> dict[str, Path]:
+    """One graph per level from the shared ONNX cache (exported and parity-checked where missing)."""
+    from models.onnx_cache import cached_graphs
 
-
-def onnx_graphs(model: torch.nn.Module, levels: Sequence[Level], onnx_dir: Path, name: str) -> dict[str, Path]:
-    """One exported graph per level, cached by weights digest, opset and torch version (an export
-    takes tens of seconds on 2 cores); a fresh export is parity-checked at one odd size."""
-    tag = f"{weights_digest(model)}-op{DEFAULT_OPSET}-torch{torch.__version__.split('+')[0]}"
-    paths = {}
-    for level in tqdm(levels, desc="onnx graphs", unit="level", leave=False):
-        path = onnx_dir / f"{name}-{model.num_classes}c-{level.name}-{tag}.onnx"
-        if not path.is_file():
-            export_onnx(model, path.with_suffix(".tmp"), level, progress=False)
-            check_parity(model, path.with_suffix(".tmp"), level, sizes=model.spec.parity_sizes[2:3], progress=False)
-            path.with_suffix(".tmp").replace(path)  # only checked graphs enter the cache
-        paths[level.name] = path
-    return paths
+    paths = cached_graphs(model, levels, onnx_dir)
+    return {level.name: paths[0 if len(paths) == 1 else index] for index, level in enumerate(levels)}
 
 
 Forward = Callable[..., torch.Tensor]  # forward(images, **knob) -> logits
@@ -179,7 +166,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, object]:
     batches = [int(b) for b in args.batches.split(",")]
     budget = (args.repeats, args.case_budget, args.long_call)
     report: dict[str, object] = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": args.model,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "model": args.model,
         "num_classes": model.num_classes, "machine": machine_info(threads),
         "units": "GMAC = 1e9 multiply-accumulates = 2 GFLOP; pct_of_ceiling = 2 * GMAC/s / matmul GFLOP/s",
     }
@@ -192,7 +179,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, object]:
     if "compiled" in backends:
         torch._dynamo.config.cache_size_limit = 64  # one graph per (ISR, shape); the default 8 is too few
         forwards["compiled"] = torch.compile(eager_forward(model, variant), dynamic=False)
-    graphs = onnx_graphs(model, levels, Path(args.onnx_dir), args.model) if "onnxruntime" in backends else {}
+    graphs = onnx_graphs(model, levels, Path(args.onnx_dir)) if "onnxruntime" in backends else {}
     results: list[CaseResult] = []
     with tqdm(total=len(sizes) * len(levels) * len(batches) * len(backends), desc="bench", unit="case") as bar:
         for height, width in sizes:

@@ -40,6 +40,7 @@ class Format(enum.StrEnum):
     COLOR = "color"  # palette PNG for viewing (same ids, plus colours)
     RLE = "rle"  # COCO compressed RLE, one entry per present class
     JSON = "json"  # metadata + receipt + base64 PNG label map
+    OVERLAY = "overlay"  # the image blended with the class colours, for people who want to look
 
 
 def _check_labels(labels: np.ndarray, num_classes: int = MAX_16BIT_CLASSES) -> None:
@@ -267,6 +268,20 @@ def replace_json_receipt(body: bytes, receipt: Mapping[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
+OVERLAY_ALPHA = 0.5
+
+
+def encode_overlay(labels: np.ndarray, image: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
+    """RGB PNG: the image (resized to the mask's size if it was decoded smaller) blended with class colours."""
+    from models.postprocess import overlay
+
+    _check_labels(labels, len(palette))
+    height, width = labels.shape
+    if image.shape[:2] != (height, width):
+        image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    return _save_png(Image.fromarray(overlay(image, labels, palette, OVERLAY_ALPHA)))
+
+
 def encode(
     output_format: Format | str,
     labels: np.ndarray,
@@ -275,12 +290,18 @@ def encode(
     class_names: Sequence[str],
     palette: Sequence[Sequence[int]] | None = None,
     receipt: Mapping[str, Any] | None = None,
+    image: np.ndarray | None = None,
 ) -> tuple[bytes, str]:
     """Encode `labels` in the requested format; returns (body, content type).
 
-    Raises ValueError for an unknown format, a missing palette (colour), or an invalid label map.
+    Raises ValueError for an unknown format, a missing palette (colour, overlay) or image (overlay), or an
+    invalid label map.
     """
     chosen = Format(output_format)
+    if chosen is Format.OVERLAY:
+        if palette is None or image is None:
+            raise ValueError("the overlay format needs a palette and the image")
+        return encode_overlay(labels, image, palette), PNG_CONTENT_TYPE
     if chosen is Format.PNG:
         return encode_png(labels, num_classes), PNG_CONTENT_TYPE
     if chosen is Format.COLOR:

@@ -118,7 +118,7 @@ class Pipeline:
         settings = self.rt.settings
         request.format = (request.format or "png").lower()
         if request.format not in {f.value for f in encoding.Format}:
-            raise InvalidParameter(f"unknown format {request.format!r}; use png, color, rle or json",
+            raise InvalidParameter(f"unknown format {request.format!r}; use png, color, overlay, rle or json",
                                    code="unknown_format")
         for name, value in (("latency_budget_ms", request.budget_ms), ("timeout_ms", request.timeout_ms)):
             if value is not None and (math.isnan(value) or value <= 0 or value > settings.max_budget_ms):
@@ -221,7 +221,8 @@ class Pipeline:
         encode_start = time.perf_counter()
         body, content_type = await asyncio.to_thread(
             encoding.encode, request.format, result.labels, num_classes=served.meta.num_classes,
-            class_names=served.meta.class_names, palette=served.meta.palette, receipt={})
+            class_names=served.meta.class_names, palette=served.meta.palette, receipt={},
+            image=pixels if request.format == "overlay" else None)
         encoded = time.perf_counter()
         rt.metrics.stage.labels("encode").observe(encoded - encode_start)
         rt.overhead_post.add(encoded - encode_start)

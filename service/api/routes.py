@@ -111,7 +111,8 @@ async def segment(
                                        "bypasses the planner.")] = None,
     point: Annotated[str | None, Query(description="An operating point from /v1/models (model/level@scale); "
                                        "bypasses the planner.")] = None,
-    format: Annotated[str, Query(description="png (default), color, rle or json.")] = "png",
+    format: Annotated[str, Query(description="png (default: the label map), color, overlay (the image blended with "
+                                 "the class colours), rle or json.")] = "png",
     strict: Annotated[str | None, Query(description="true: refuse at once (503) if the budget cannot be met.")] = None,
     timeout_ms: Annotated[str | None, Query(description="Hard deadline; past it a queued request gets 504.")] = None,
     x_latency_budget_ms: Annotated[str | None, Header()] = None,

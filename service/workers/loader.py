@@ -78,9 +78,10 @@ def backend_factory(
 ) -> Callable[[], Backend]:
     """What each worker calls to build its backend for this model (ONNX graphs are exported once, here)."""
     if backend == "onnx":
-        from service.workers.backends.onnx_backend import OnnxBackend, export_levels
+        from models.onnx_cache import cached_graphs
+        from service.workers.backends.onnx_backend import OnnxBackend
 
-        paths = export_levels(loaded.module, levels, Path(os.path.expanduser(onnx_cache_dir)), loaded.weights_id)
+        paths = cached_graphs(loaded.module, levels, Path(os.path.expanduser(onnx_cache_dir)))
         return lambda: OnnxBackend(paths, pipeline, device, threads)
     from service.workers.backends.torch_backend import TorchBackend
 

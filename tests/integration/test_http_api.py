@@ -89,6 +89,26 @@ def test_the_returned_mask_equals_the_models_direct_prediction(checkpoint_server
     assert not np.array_equal(*served.values())
 
 
+@pytest.fixture(scope="module")
+def onnx_server(checkpoint_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The checkpoint server's weights on the ONNX Runtime backend (one level, one scale: one export)."""
+    env = {**checkpoint_server.env, "SEGSERVE_BACKEND": "onnx", "SEGSERVE_LEVELS": COMPARED_LEVELS[0].name,
+           "SEGSERVE_SCALES": "1", "SEGSERVE_ONNX_CACHE_DIR": str(tmp_path_factory.mktemp("onnx"))}
+    with ServerProcess(env=env) as server:
+        yield server
+
+
+def test_the_onnx_backend_serves_the_same_masks(onnx_server, model) -> None:
+    jpeg = jpeg_bytes(97, 203, seed=97)
+    response = post(onnx_server, jpeg, level=COMPARED_LEVELS[0].name)
+    assert response.status_code == 200, response.text
+    assert httpx.get(f"{onnx_server.base_url}/v1/models").json()["models"][0]["backend"] == "onnx"
+    served = labels_of(response.content)
+    expected = direct_prediction(model, jpeg, COMPARED_LEVELS[0])
+    # ONNX Runtime's kernels differ from torch's in the last bits: only near-ties may flip.
+    assert served.shape == expected.shape and (served == expected).mean() > 0.999
+
+
 def test_models_report_checkpoint_or_random_weights(checkpoint_server, live_server) -> None:
     with_checkpoint = httpx.get(f"{checkpoint_server.base_url}/v1/models").json()["models"][0]
     assert with_checkpoint["weights"] == "checkpoint"
@@ -128,6 +148,17 @@ def test_color_is_a_palette_png_with_the_same_ids(live_server, format_image, png
     np.testing.assert_array_equal(np.asarray(image), png_labels)
     palette = [channel for colour in dataset_for("ade20k").palette for channel in colour]
     assert image.getpalette()[: len(palette)] == palette  # the dataset's colours, class by class
+
+
+def test_overlay_blends_the_image_with_the_class_colours(live_server, format_image, png_labels) -> None:
+    response = post(live_server, format_image, level=CHEAPEST, format="overlay")
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(response.content))
+    assert (image.mode, image.size) == ("RGB", (150, 100))
+    pixels = np.asarray(Image.open(io.BytesIO(format_image)).convert("RGB")).astype(np.float64)
+    palette = np.asarray(dataset_for("ade20k").palette, dtype=np.float64)
+    expected = np.clip(0.5 * pixels + 0.5 * palette[png_labels] + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(image), expected)
 
 
 def test_rle_decodes_to_the_png(live_server, format_image, png_labels) -> None:
