@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from service import encoding
 from service.batching.scheduler import ItemResult, WorkItem
 from service.cache import CachedResult, CacheKey
-from service.errors import InvalidParameter, NotFound, Unavailable
+from service.errors import DeadlineExpired, InvalidParameter, NotFound, Unavailable
 from service.images import ImageHeader, decode_rgb, read_header
+from service.memory import request_bytes
 from service.planner import QUALITY_NAMES, Demand, Load, NoPointFits, Plan, PlanReason, quality_value
 from service.points import Point
 from service.receipt import Receipt, build_receipt
@@ -138,8 +139,23 @@ class Pipeline:
 
     # ----- the request -----
     async def segment(self, request: SegmentRequest) -> SegmentResult:
+        """The answer, never later than the request's `timeout_ms` (or the server's `request_timeout_s`).
+
+        Work still queued at the deadline is dropped uncomputed; a batch already running finishes for the
+        requests that still wait on it, but this request is answered 504 at its deadline, not late.
+        """
+        limit_s = min(self.rt.settings.request_timeout_s,
+                      request.timeout_ms / 1e3 if request.timeout_ms is not None else math.inf)
+        try:
+            async with asyncio.timeout(limit_s):
+                return await self._segment(request, time.monotonic())
+        except TimeoutError:
+            self.rt.metrics.rejected.labels("", "deadline_expired").inc()
+            raise DeadlineExpired(f"the request did not finish within its {limit_s * 1e3:.0f} ms timeout",
+                                  code="deadline_expired") from None
+
+    async def _segment(self, request: SegmentRequest, arrived: float) -> SegmentResult:
         rt = self.rt
-        arrived = time.monotonic()
         self._check_ready()
         target, quality = self._validate(request)
         started = time.perf_counter()
@@ -201,8 +217,24 @@ class Pipeline:
         key: CacheKey, quality: float | None, started: float,
     ) -> tuple[CachedResult, ItemResult]:
         rt = self.rt
+        needed = self._needed_size(target, header) if rt.settings.reduced_decode else None
+        with rt.memory.hold(request_bytes(header, needed), retry_after_s=max(1.0, rt.scheduler.backlog_s())):
+            return await self._run(request, target, header, plan, arrived, key, quality, started, needed)
+
+    def _needed_size(self, target: Target, header: ImageHeader) -> tuple[int, int]:
+        """The largest network input any allowed point would resize this image to: decode no more than that."""
+        shapes = [self.rt.shape_of(p, (header.height, header.width)) for p in self.rt.ladder(target.task, target.model)]
+        if target.explicit is not None:
+            shapes.append(self.rt.shape_of(target.explicit, (header.height, header.width)))
+        return max(h for h, _ in shapes), max(w for _, w in shapes)
+
+    async def _run(
+        self, request: SegmentRequest, target: Target, header: ImageHeader, plan: Plan, arrived: float,
+        key: CacheKey, quality: float | None, started: float, needed: tuple[int, int] | None,
+    ) -> tuple[CachedResult, ItemResult]:
+        rt = self.rt
         decode_start = time.perf_counter()
-        pixels = await asyncio.to_thread(decode_rgb, request.image, header)
+        pixels = await asyncio.to_thread(decode_rgb, request.image, header, needed)
         decoded = time.perf_counter()
         rt.metrics.stage.labels("decode").observe(decoded - decode_start)
         rt.overhead_pre.add(decoded - started)

@@ -18,6 +18,7 @@ from service.batching.scheduler import Scheduler
 from service.cache import SingleFlight, build_cache
 from service.calibration import calibrate, profile_key, profile_path, warm_up
 from service.gmacs import GmacTable
+from service.memory import MemoryBudget
 from service.metrics import Metrics
 from service.planner import Planner
 from service.points import UNKNOWN_MARGIN, Point, Pool
@@ -78,6 +79,7 @@ class Runtime:
             max_queue_size=settings.max_queue_size, safety_margin=settings.safety_margin,
             post_overhead_s=lambda: self.overhead_post.value,
         )
+        self.memory = MemoryBudget(settings.max_inflight_bytes)
         self.cache = build_cache(settings, self.metrics)
         self.singleflight = SingleFlight(cancel_when_abandoned=True)
         self._scheduler_task: asyncio.Task | None = None

@@ -97,6 +97,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     max_pixels: int = Field(40_000_000, ge=1024, description="Largest accepted image, in pixels.")
     min_side: int = Field(32, ge=1, description="Smallest accepted image side, in pixels.")
+    max_inflight_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0, description="Memory budget of the images in flight (decoded pixels, label maps, "
+        "answers) across every queued and running request; past it a request gets 429 (0 = unbounded).",
+    )
+    reduced_decode: bool = Field(
+        True, description="Decode images of 2x the largest network input or more at a reduced size (JPEG DCT "
+        "scaling, else an early downscale); false decodes every image at full size, as the reference pipeline.",
+    )
 
     # --- cache ---
     redis_url: str | None = Field(None, description="redis:// URL; unset = in-memory LRU cache.")
@@ -109,6 +117,13 @@ class Settings(BaseSettings):
     # --- lifecycle ---
     shutdown_grace_s: float = Field(20.0, ge=0, le=600, description="How long SIGTERM waits for accepted work.")
     log_level: str = Field("info", description="Python logging level.")
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="Log lines as plain text or one JSON object per line (segserve's and uvicorn's alike)."
+    )
+    log_access: bool = Field(True, description="Log one line per HTTP request and gRPC call (logger segserve.access).")
+    log_probes: bool = Field(
+        False, description="Also log health probes and metric scrapes (/healthz, /readyz, /metrics, gRPC health)."
+    )
 
     @field_validator("checkpoint", "redis_url", "grpc_port", "resize_scale", "threads_per_worker", "levels",
                      "config", "quality_table", "dataset", "profile_dir", mode="before")

@@ -252,3 +252,17 @@ def test_resize_logits_unchanged() -> None:
     torch.testing.assert_close(
         resize_logits(logits, (64, 48)), F.interpolate(logits, size=(64, 48), mode="bilinear", align_corners=False)
     )
+
+
+@pytest.mark.parametrize(("num_classes", "low", "mid", "out"), [(150, (16, 20), (128, 160), (100, 130)),
+                                                                 (3, (5, 7), (40, 56), (41, 57))])
+def test_the_reference_runs_in_class_chunks_with_the_same_result(monkeypatch, num_classes, low, mid, out) -> None:
+    """The reference never holds K full-size maps (21.6 GB for 150 classes at 6000x6000), yet its argmax is the
+    one-shot argmax exactly, first index on ties included."""
+    import models.postprocess as postprocess
+
+    logits = torch.randn(2, num_classes, *low, generator=torch.Generator().manual_seed(num_classes))
+    logits[:, -1] = logits[:, 0]  # exact ties between the first and the last class: the first must win
+    one_shot = resize_logits(resize_logits(logits, mid), out).argmax(dim=1).numpy()
+    monkeypatch.setattr(postprocess, "REFERENCE_CHUNK_BYTES", 1)  # one class at a time
+    np.testing.assert_array_equal(postprocess.reference_labels(logits, mid, out), one_shot)
