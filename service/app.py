@@ -55,6 +55,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         "operating point (model x compute knob x input scale) with the best quality that meets the budget under the "
         "current load.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served by service.api.demo from local files: the CDN default is blank offline
     )
     app.include_router(router)
     app.include_router(oip.router)

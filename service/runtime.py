@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from service import __version__
@@ -27,6 +28,7 @@ from service.repository import describe_entries, entries_from_settings
 from service.served_model import ServedModel, assign_points, build_served_model
 from service.settings import Settings
 from service.workers import loader
+from service.workers.backends.base import Backend
 from service.workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,19 @@ class Ewma:
         self.value = seconds if self.value == 0 else (1 - self.alpha) * self.value + self.alpha * seconds
 
 
+BackendOverride = Callable[[ServedModel], Callable[[], Backend]]
+
+
 class Runtime:
-    def __init__(self, settings: Settings) -> None:
+    """Everything a running server holds.
+
+    Args:
+        settings: the one settings object.
+        backends: tests only: builds each served model's backend factory instead of the real torch/ONNX one
+            (the model is still built, so points, GMACs and the pipeline are real).
+    """
+
+    def __init__(self, settings: Settings, backends: BackendOverride | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.ready = False
@@ -72,7 +85,8 @@ class Runtime:
         self.planner = Planner(self.profile.estimate, self.shape_of, self.fits)
         self.overhead_pre = Ewma()  # header read + decode per request
         self.overhead_post = Ewma()  # encode per request
-        self.workers = WorkerPool({name: m.make_backend for name, m in self.models.items()}, settings.workers)
+        factories = {name: backends(m) if backends else m.make_backend for name, m in self.models.items()}
+        self.workers = WorkerPool(factories, settings.workers)
         self.scheduler = Scheduler(
             self.workers, self.planner, self.ladder, self.profile.estimate, self.profile.observe, self.metrics,
             max_batch_size=settings.max_batch_size, max_queue_delay_s=settings.max_queue_delay_ms / 1e3,

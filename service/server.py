@@ -12,6 +12,7 @@ import sys
 
 import uvicorn
 
+from service import logs
 from service.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
@@ -65,13 +66,15 @@ def build_runtime(settings: Settings) -> Runtime | None:
 
 def serve(settings: Settings) -> int:
     """Run until a signal; the exit code (2 for a start-up error the user can fix)."""
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings)
     runtime = build_runtime(settings)
     if runtime is None:
         return 2
     app = create_app(settings, runtime=runtime)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)))
+    config = uvicorn.Config(logs.AccessLogMiddleware(app, log_probes=settings.log_probes), host=settings.host,
+                            port=settings.port, log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+                            **logs.UVICORN_LOG_SETTINGS)
     server = DrainingServer(config, settings)
     server.runtime = runtime
 

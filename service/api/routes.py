@@ -92,10 +92,18 @@ what was spent in the `X-Segserve-*` headers. `/v1/segment` lets the planner cho
 pool; `/v1/models/{model}/segment` restricts the choice to one model."""
 
 
-@router.post("/v1/segment", summary="Segment an image", description=SEGMENT_DOC,
+# The body is read raw (not parsed by FastAPI), so it is declared here for /docs: its try-it form gets a file picker.
+_IMAGE = {"type": "string", "format": "binary"}
+SEGMENT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {"image": _IMAGE}}},
+    **{media: {"schema": _IMAGE} for media in ("image/jpeg", "image/png", "image/webp")},
+}}}
+
+
+@router.post("/v1/segment", summary="Segment an image", description=SEGMENT_DOC, openapi_extra=SEGMENT_BODY,
              responses={200: {"content": {"image/png": {}, "application/json": {}}}})
 @router.post("/v1/models/{model}/segment", summary="Segment an image with a named model", description=SEGMENT_DOC,
-             responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+             openapi_extra=SEGMENT_BODY, responses={200: {"content": {"image/png": {}, "application/json": {}}}})
 async def segment(
     request: Request,
     runtime: RuntimeDep,

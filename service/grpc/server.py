@@ -27,6 +27,7 @@ from service.describe import describe
 from service.errors import DeadlineExpired, PayloadTooLarge, ServiceError
 from service.grpc import oip
 from service.grpc.gen import segserve_pb2, segserve_pb2_grpc
+from service.grpc.logging_interceptor import CallLogInterceptor
 from service.pipeline import Pipeline, SegmentRequest, SegmentResult
 from service.receipt import Receipt
 from service.runtime import Runtime
@@ -40,6 +41,11 @@ LIST_MODELS_ROUTE = f"grpc:/{SERVICE_NAME}/ListModels"
 CLIENT_CLOSED_REQUEST = 499  # as on HTTP: the caller cancelled or its deadline passed before the answer
 # Room for the request's other fields on top of the image, which is bounded by settings.max_body_bytes.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
+# gRPC refuses a message over its transport limit before any handler runs, with no way to add our error code.
+# So the transport accepts up to twice the body limit, and the servicer refuses what is over `max_body_bytes` with
+# RESOURCE_EXHAUSTED and `segserve-error-code: body_too_large`; only a message over twice the limit meets
+# gRPC's own refusal. The memory this costs is bounded either way.
+TRANSPORT_LIMIT_FACTOR = 2
 HEALTH_POLL_S = 0.2
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -206,8 +212,9 @@ class GrpcServer:
         self._stopped = False
         self._poller: asyncio.Task | None = None
         self._drain_task: asyncio.Task | None = None
-        limit = settings.max_body_bytes + MESSAGE_OVERHEAD_BYTES
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+        limit = TRANSPORT_LIMIT_FACTOR * settings.max_body_bytes + MESSAGE_OVERHEAD_BYTES
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)],
+                                      interceptors=[CallLogInterceptor(log_probes=settings.log_probes)])
         segserve_pb2_grpc.add_SegmentationServicer_to_server(
             SegmentationServicer(runtime, Pipeline(runtime)), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -35,6 +35,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Calibration slow enough that the health poller sees it: timed runs per (level, batch size), per attempt.
 CALIBRATION_REPEATS = ("3", "12")
+MAX_BODY_BYTES = 1_000_000
 
 
 @dataclass
@@ -83,7 +84,8 @@ class GrpcServer:
 def server() -> Iterator[GrpcServer]:
     for attempt, repeats in enumerate(CALIBRATION_REPEATS, start=1):
         process = ServerProcess(grpc_port=free_port(), env={
-            "SEGSERVE_CACHE_BYTES": "0", "SEGSERVE_CALIBRATION_REPEATS": repeats})
+            "SEGSERVE_CACHE_BYTES": "0", "SEGSERVE_CALIBRATION_REPEATS": repeats,
+            "SEGSERVE_MAX_BODY_BYTES": str(MAX_BODY_BYTES)})
         watch = HealthWatch(process.grpc_port)
         poller = threading.Thread(target=watch.run, daemon=True)
         poller.start()
@@ -147,6 +149,14 @@ def test_without_a_deadline_there_is_no_budget_and_an_explicit_budget_wins(serve
     receipt = server.stub.Segment(segserve_pb2.SegmentRequest(image=image, latency_budget_ms=20_000),
                                   timeout=60).receipt
     assert receipt.budget_ms == 20_000 and receipt.HasField("budget_met")
+
+
+@pytest.mark.parametrize("size", [MAX_BODY_BYTES + 1, int(1.5 * MAX_BODY_BYTES)])
+def test_a_message_over_the_size_limit_carries_the_error_code(server: GrpcServer, size: int) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        server.stub.Segment(segserve_pb2.SegmentRequest(image=b"\xff" * size), timeout=30)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(raised.value.trailing_metadata())["segserve-error-code"] == "body_too_large"
 
 
 def test_list_models_matches_http(server: GrpcServer) -> None:
