@@ -1,32 +1,79 @@
 #!/usr/bin/env bash
-# Regenerate the committed Python gRPC stubs in service/grpc/gen/ from service/grpc/segserve.proto.
+# Regenerate the committed Python gRPC stubs in service/grpc/gen/ from the .proto files in service/grpc/:
+# segserve.proto (segserve.v1) and grpc_predict_v2.proto (the Open Inference Protocol, package `inference`).
 #
 #   scripts/gen_grpc.sh [OUT_DIR]   (default: service/grpc/gen; tests/unit/test_grpc_stubs.py passes a tmp dir)
 #
-# Needs grpcio-tools (the "dev" extra). protoc writes `import segserve_pb2`; it is rewritten to the package
-# path so that `service.grpc.gen.segserve_pb2_grpc` imports `service.grpc.gen.segserve_pb2`.
+# The generator is pinned to grpcio-tools 1.64.3 (protoc 26.1: "Protobuf Python Version: 5.26.1"), installed in
+# a throwaway virtual environment of its own, never in the project's. Why that old one: from protobuf 5.27 on,
+# protoc writes `ValidateProtobufRuntimeVersion(major, minor, patch)` into every *_pb2.py, and that check refuses
+# a runtime of any other major version; stubs from grpcio-tools 1.85 (7.35.1) pinned segserve to protobuf 7,
+# which cannot be installed beside tritonclient[grpc] or kserve (both protobuf < 7). Gencode 5.26.1 carries no
+# such check and loads on every runtime from 5.26.1 on (5.x, 6.x and 7.x are tested; upb and pure Python),
+# the same choice KServe made for its own grpc_predict_v2 stubs. Its *_pb2_grpc.py needs grpcio >= 1.64.3.
+#
+# The tool venv is kept in ${SEGSERVE_GRPC_TOOLS_VENV:-~/.cache/segserve/grpcio-tools-1.64.3} and made on first
+# use with `$PYTHON -m venv` (PYTHON defaults to python3) and pip (so the first run needs the package index).
+# protoc writes `import segserve_pb2`; it is rewritten to the package path so that
+# `service.grpc.gen.segserve_pb2_grpc` imports `service.grpc.gen.segserve_pb2` (the same for grpc_predict_v2).
 set -euo pipefail
+
+GRPCIO_TOOLS_VERSION="1.64.3"
+PROTOBUF_VERSION="5.26.1"  # the generator's own runtime; gencode does not depend on it
+PROTOS=(segserve grpc_predict_v2)
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$root/service/grpc/gen}"
-python="${PYTHON:-python}"
-if [[ -x "$root/.venv/bin/python" && -z "${PYTHON:-}" ]]; then
-  python="$root/.venv/bin/python"
+python="${PYTHON:-python3}"
+tools="${SEGSERVE_GRPC_TOOLS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/segserve/grpcio-tools-$GRPCIO_TOOLS_VERSION}"
+
+tools_ready() {
+  [[ -x "$tools/bin/python" ]] && "$tools/bin/python" -c \
+    "import importlib.metadata as m, sys; sys.exit(m.version('grpcio-tools') != '$GRPCIO_TOOLS_VERSION')" 2>/dev/null
+}
+
+if ! tools_ready; then
+  # Built beside the final path and moved into place: a concurrent run never sees a half-installed venv.
+  mkdir -p "$(dirname "$tools")"
+  staging="$(mktemp -d "$tools.tmp.XXXXXX")"
+  trap 'rm -rf "$staging"' EXIT
+  "$python" -m venv "$staging"
+  "$staging/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "grpcio-tools==$GRPCIO_TOOLS_VERSION" "protobuf==$PROTOBUF_VERSION" >&2
+  rm -rf "$tools"  # an unusable one (another version, or half-made by hand)
+  # A venv records its own path in its scripts; only `bin/python -m ...` is used here, which does not care.
+  # If another run moved its own venv into place first, that one is used and ours removed (trap).
+  mv -T "$staging" "$tools" 2>/dev/null || tools_ready || { echo "gen_grpc.sh: could not install $tools" >&2; exit 1; }
 fi
 
 mkdir -p "$out"
-"$python" -m grpc_tools.protoc \
+sources=()
+for name in "${PROTOS[@]}"; do sources+=("$root/service/grpc/$name.proto"); done
+"$tools/bin/python" -m grpc_tools.protoc \
   --proto_path="$root/service/grpc" \
   --python_out="$out" \
   --pyi_out="$out" \
   --grpc_python_out="$out" \
-  "$root/service/grpc/segserve.proto"
+  "${sources[@]}"
 
-sed -i 's/^import segserve_pb2 as segserve__pb2$/from service.grpc.gen import segserve_pb2 as segserve__pb2/' \
-  "$out/segserve_pb2_grpc.py"
-grep -q '^from service.grpc.gen import segserve_pb2 as segserve__pb2$' "$out/segserve_pb2_grpc.py" || {
-  echo "gen_grpc.sh: the generated import in segserve_pb2_grpc.py was not rewritten" >&2
+for name in "${PROTOS[@]}"; do
+  alias="${name//_/__}__pb2"  # protoc's alias: underscores doubled, then "__pb2"
+  sed -i "s/^import ${name}_pb2 as ${alias}\$/from service.grpc.gen import ${name}_pb2 as ${alias}/" \
+    "$out/${name}_pb2_grpc.py"
+  grep -q "^from service.grpc.gen import ${name}_pb2 as ${alias}\$" "$out/${name}_pb2_grpc.py" || {
+    echo "gen_grpc.sh: the generated import in ${name}_pb2_grpc.py was not rewritten" >&2
+    exit 1
+  }
+done
+# The OIP stubs register their messages in a descriptor pool of their own, not in protobuf's default pool:
+# tritonclient.grpc and kserve define the same `inference.*` names in their own stubs, and the default pool refuses
+# a second definition, so segserve's stubs and those clients could not be imported into one process.
+# (service/grpc/oip.py adds the file to the default pool in the server process, where reflection looks for it.)
+sed -i 's/^DESCRIPTOR = _descriptor_pool\.Default()\.AddSerializedFile(/DESCRIPTOR = _descriptor_pool.DescriptorPool().AddSerializedFile(/' \
+  "$out/grpc_predict_v2_pb2.py"
+grep -q '^DESCRIPTOR = _descriptor_pool.DescriptorPool().AddSerializedFile(' "$out/grpc_predict_v2_pb2.py" || {
+  echo "gen_grpc.sh: grpc_predict_v2_pb2.py was not given a descriptor pool of its own" >&2
   exit 1
 }
-[[ -f "$out/__init__.py" ]] || printf '"""Generated by scripts/gen_grpc.sh from service/grpc/segserve.proto; do not edit."""\n' \
+[[ -f "$out/__init__.py" ]] || printf '"""Generated by scripts/gen_grpc.sh from service/grpc/*.proto; do not edit."""\n' \
   >"$out/__init__.py"

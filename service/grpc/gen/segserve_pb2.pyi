@@ -1,8 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -28,7 +27,7 @@ class SegmentRequest(_message.Message):
     timeout_ms: float
     task: str
     point: str
-    def __init__(self, image: _Optional[bytes] = ..., model: _Optional[str] = ..., latency_budget_ms: _Optional[float] = ..., quality: _Optional[str] = ..., level: _Optional[str] = ..., format: _Optional[str] = ..., strict: _Optional[bool] = ..., timeout_ms: _Optional[float] = ..., task: _Optional[str] = ..., point: _Optional[str] = ...) -> None: ...
+    def __init__(self, image: _Optional[bytes] = ..., model: _Optional[str] = ..., latency_budget_ms: _Optional[float] = ..., quality: _Optional[str] = ..., level: _Optional[str] = ..., format: _Optional[str] = ..., strict: bool = ..., timeout_ms: _Optional[float] = ..., task: _Optional[str] = ..., point: _Optional[str] = ...) -> None: ...
 
 class Receipt(_message.Message):
     __slots__ = ("model", "level", "isr", "cache", "queue_ms", "compute_ms", "total_ms", "batch_size", "budget_ms", "budget_met", "predicted_ms", "plan_reason", "height", "width", "point", "knob", "knob_value", "scale", "quality", "quality_source", "task", "stats")
@@ -83,7 +82,7 @@ class Receipt(_message.Message):
     quality_source: str
     task: str
     stats: _containers.MessageMap[str, Values]
-    def __init__(self, model: _Optional[str] = ..., level: _Optional[str] = ..., isr: _Optional[str] = ..., cache: _Optional[str] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., budget_ms: _Optional[float] = ..., budget_met: _Optional[bool] = ..., predicted_ms: _Optional[float] = ..., plan_reason: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., point: _Optional[str] = ..., knob: _Optional[str] = ..., knob_value: _Optional[str] = ..., scale: _Optional[float] = ..., quality: _Optional[float] = ..., quality_source: _Optional[str] = ..., task: _Optional[str] = ..., stats: _Optional[_Mapping[str, Values]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., level: _Optional[str] = ..., isr: _Optional[str] = ..., cache: _Optional[str] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., budget_ms: _Optional[float] = ..., budget_met: bool = ..., predicted_ms: _Optional[float] = ..., plan_reason: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., point: _Optional[str] = ..., knob: _Optional[str] = ..., knob_value: _Optional[str] = ..., scale: _Optional[float] = ..., quality: _Optional[float] = ..., quality_source: _Optional[str] = ..., task: _Optional[str] = ..., stats: _Optional[_Mapping[str, Values]] = ...) -> None: ...
 
 class Values(_message.Message):
     __slots__ = ("values",)
@@ -169,7 +168,7 @@ class Point(_message.Message):
     quality: float
     quality_source: str
     on_ladder: bool
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., level: _Optional[str] = ..., knob_value: _Optional[str] = ..., scale: _Optional[float] = ..., precision: _Optional[str] = ..., network_input: _Optional[_Iterable[int]] = ..., gmacs: _Optional[float] = ..., latency_ms: _Optional[_Mapping[int, float]] = ..., quality: _Optional[float] = ..., quality_source: _Optional[str] = ..., on_ladder: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., level: _Optional[str] = ..., knob_value: _Optional[str] = ..., scale: _Optional[float] = ..., precision: _Optional[str] = ..., network_input: _Optional[_Iterable[int]] = ..., gmacs: _Optional[float] = ..., latency_ms: _Optional[_Mapping[int, float]] = ..., quality: _Optional[float] = ..., quality_source: _Optional[str] = ..., on_ladder: bool = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("name", "classes", "num_classes", "dataset", "weights", "backend", "device", "calibration_shape", "levels", "architecture", "family", "task", "knob", "scales", "points")
