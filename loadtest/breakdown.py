@@ -146,7 +146,7 @@ class InProcess:
         images = timed("preprocess", lambda: preprocess(rgb, size))
         def model_stages() -> np.ndarray:  # on a worker thread, as the service runs them
             with torch.inference_mode():
-                logits = timed("forward", lambda: self.backend.logits(images, self.level.isr))
+                logits = timed("forward", lambda: self.backend.forward_with_stats(images, isr=self.level.isr)[0])
                 return timed("postprocess", lambda: labels_from_logits(logits, size, (header.height, header.width))[0])
 
         labels = self.worker.submit(model_stages).result()
@@ -162,6 +162,7 @@ def measure(runs: int, warmup: int, level: str, size: int) -> dict:
     data = make_jpeg(size)
     env = {
         "SEGSERVE_LEVELS": level,
+        "SEGSERVE_SCALES": "1",  # the level at the reference scale only: nothing else to calibrate
         "SEGSERVE_CALIBRATION_SHAPE": f"{size}x{size}",
         "SEGSERVE_CALIBRATION_BATCH_SIZES": "1",
         "SEGSERVE_CALIBRATION_REPEATS": "1",
@@ -213,7 +214,8 @@ def measure(runs: int, warmup: int, level: str, size: int) -> dict:
         if count > before_count:
             server_means[stage] = (total - before_total) / (count - before_count) * 1e3
     return summarize(http_ms, receipts, stage_ms, local_total_ms, server_means, threads=threads, level=level,
-                     size=size, jpeg_bytes=len(data), runs=runs, gmacs=models["levels"][0]["gmacs"])
+                     size=size, jpeg_bytes=len(data), runs=runs,
+                     gmacs=next(p["gmacs"] for p in models["points"] if p["level"] == level and p["scale"] == 1))
 
 
 def summarize(http_ms, receipts, stage_ms, local_total_ms, server_means, **context) -> dict:

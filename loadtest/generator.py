@@ -1,10 +1,12 @@
-"""Open-loop load generation with asyncio + httpx, against loopback servers only.
+"""Open-loop load generation with segserve's asyncio client (`segserve_client.AsyncClient`), loopback only.
 
 Open loop: every request is sent at its scheduled time whether or not earlier ones have answered, as
 independent users do. A closed loop (send the next one when the last answers) hides queueing: the
 client slows down exactly when the server does, and the measured latency looks better than users see.
 
-Each step is bounded by its request list (count) and by `duration_s` plus the client timeout.
+Each step is bounded by its request list (count) and by `duration_s` plus the client timeout. The client sends
+without retries and its answers' masks are never decoded; the receipt (point, quality, queue and compute time)
+is kept per request.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from loadtest.scenarios import RequestFactory, RequestSpec
+from segserve_client import NO_RETRY, AsyncClient, ConnectionFailed, Listing, SegservError
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
@@ -56,13 +60,18 @@ class RequestResult:
     budget_ms: float
     size: tuple[int, int]
     repeated: bool
-    level: str | None = None
-    cache: str | None = None  # "hit" / "miss" (segserve only)
-    plan: str | None = None  # why the planner chose the level: budget, fallback, quality, explicit, default
+    # From segserve's receipt (None for the plain endpoint, which sends none):
+    point: str | None = None
+    model: str | None = None
+    scale: float | None = None
+    quality: float | None = None
+    cache: str | None = None  # "hit" / "miss"
+    plan: str | None = None  # why the planner chose the point: budget, fallback, quality, explicit, default, cache
     batch_size: int | None = None
     queue_ms: float | None = None
     compute_ms: float | None = None
     server_budget_met: bool | None = None
+    error: str | None = None  # the server's error code (or client_timeout, connection_failed)
 
     @property
     def ok(self) -> bool:
@@ -77,91 +86,89 @@ class RequestResult:
 CLIENT_TIMEOUT = 0
 CONNECTION_ERROR = -1
 
-# Query parameters for a request: segserve gets its budget; the plain endpoint ignores extra parameters.
-ParamsFn = Callable[[RequestSpec], dict[str, str]]
+# Keyword arguments of `AsyncClient.segment` for a request: segserve gets its budget (and, for the fixed-point
+# baseline, the point); the plain endpoint ignores the query parameters.
+ParamsFn = Callable[[RequestSpec], dict[str, Any]]
 
 
-def budget_params(spec: RequestSpec) -> dict[str, str]:
-    return {"latency_budget_ms": f"{spec.budget_ms:.1f}"}
+def budget_params(spec: RequestSpec) -> dict[str, Any]:
+    return {"budget_ms": round(spec.budget_ms, 1)}
 
 
-def _float(headers: httpx.Headers, name: str) -> float | None:
-    value = headers.get(name)
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+def fixed_point_params(point: str) -> ParamsFn:
+    return lambda spec: {"budget_ms": round(spec.budget_ms, 1), "point": point}
 
 
-async def send_one(client: httpx.AsyncClient, url: str, spec: RequestSpec, params: dict[str, str],
-                   started: float, timeout_s: float) -> RequestResult:
+async def send_one(client: AsyncClient, spec: RequestSpec, params: dict[str, Any], started: float) -> RequestResult:
     sent = time.perf_counter()
     result = RequestResult(sent - started, 0.0, CLIENT_TIMEOUT, spec.budget_ms, spec.size, spec.repeated)
     try:
-        response = await client.post(url, content=spec.image, params=params,
-                                     headers={"Content-Type": "image/jpeg"}, timeout=timeout_s)
-    except httpx.TimeoutException:
-        result.status = CLIENT_TIMEOUT
-    except httpx.TransportError:
-        result.status = CONNECTION_ERROR
+        answer = await client.segment(spec.image, **params)  # the mask is never decoded: no client CPU spent
+    except SegservError as exc:
+        if exc.code == "client_timeout":
+            result.status = CLIENT_TIMEOUT
+        elif isinstance(exc, ConnectionFailed):
+            result.status = CONNECTION_ERROR
+        else:
+            result.status = exc.status
+        result.error = exc.code
     else:
-        headers = response.headers
-        result.status = response.status_code
-        result.level = headers.get("x-segserve-level")
-        result.cache = headers.get("x-segserve-cache")
-        result.plan = headers.get("x-segserve-plan")
-        batch = headers.get("x-segserve-batch-size")
-        result.batch_size = int(batch) if batch and batch.isdigit() else None
-        result.queue_ms = _float(headers, "x-segserve-queue-ms")
-        result.compute_ms = _float(headers, "x-segserve-compute-ms")
-        met = headers.get("x-segserve-budget-met")
-        result.server_budget_met = None if met is None else met == "true"
+        result.status = 200
+        receipt = answer.receipt
+        if receipt is not None:
+            result.point, result.model, result.scale = receipt.point, receipt.model, receipt.scale
+            result.quality, result.cache, result.plan = receipt.quality, receipt.cache, receipt.plan_reason
+            result.batch_size, result.queue_ms = receipt.batch_size, receipt.queue_ms
+            result.compute_ms, result.server_budget_met = receipt.compute_ms, receipt.budget_met
     result.latency_s = time.perf_counter() - sent
     return result
 
 
-def make_client(max_connections: int = 2048) -> httpx.AsyncClient:
-    # Open loop needs a connection per outstanding request; httpx's default pool (100) would queue
-    # requests inside the client and hide server-side queueing.
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=256)
-    return httpx.AsyncClient(limits=limits, trust_env=False)
+def make_client(base_url: str, timeout_s: float, max_connections: int = 2048) -> AsyncClient:
+    # Open loop needs a connection per outstanding request; a small pool would queue requests inside the
+    # client and hide server-side queueing. No retries: a refusal is a result, not something to hide.
+    return AsyncClient(require_loopback(base_url), retry=NO_RETRY, timeout_s=timeout_s, trust_env=False,
+                       max_connections=max_connections)
 
 
 async def run_open_loop(base_url: str, specs: list[RequestSpec], *, params: ParamsFn = budget_params,
-                        timeout_s: float = 5.0, path: str = "/v1/segment") -> tuple[list[RequestResult], float]:
+                        timeout_s: float = 5.0) -> tuple[list[RequestResult], float]:
     """Send every spec at its `at_s`; returns the results (in send order) and the step's wall time."""
-    url = require_loopback(base_url.rstrip("/")) + path
-    async with make_client() as client:
+    async with make_client(base_url, timeout_s) as client:
         started = time.perf_counter()
         tasks: list[asyncio.Task[RequestResult]] = []
         for spec in specs:
             delay = started + spec.at_s - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(send_one(client, url, spec, params(spec), started, timeout_s)))
+            tasks.append(asyncio.create_task(send_one(client, spec, params(spec), started)))
         results = list(await asyncio.gather(*tasks))
         wall_s = time.perf_counter() - started
     return results, wall_s
 
 
 async def run_closed_loop(base_url: str, factory: RequestFactory, *, concurrency: int, duration_s: float,
-                          params: ParamsFn, timeout_s: float = 10.0,
-                          path: str = "/v1/segment") -> tuple[list[RequestResult], float]:
+                          params: ParamsFn, timeout_s: float = 10.0) -> tuple[list[RequestResult], float]:
     """`concurrency` users each sending fresh images back to back for `duration_s` (capacity probes)."""
-    url = require_loopback(base_url.rstrip("/")) + path
     results: list[RequestResult] = []
-    async with make_client() as client:
+    async with make_client(base_url, timeout_s) as client:
         started = time.perf_counter()
         stop_at = started + duration_s
 
         async def user() -> None:
             while time.perf_counter() < stop_at:
                 spec = factory.fresh()
-                results.append(await send_one(client, url, spec, params(spec), started, timeout_s))
+                results.append(await send_one(client, spec, params(spec), started))
 
         await asyncio.gather(*(user() for _ in range(concurrency)))
         wall_s = time.perf_counter() - started
     return results, wall_s
+
+
+async def get_listing(base_url: str, timeout_s: float = 30.0) -> Listing:
+    """GET /v1/models through the client's typed listing."""
+    async with make_client(base_url, timeout_s, max_connections=1) as client:
+        return await client.models()
 
 
 async def get_json(base_url: str, path: str, timeout_s: float = 30.0) -> dict:

@@ -65,6 +65,6 @@ class SegmentUser(HttpUser):
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}")
             elif elapsed_ms > spec.budget_ms:
-                r.failure(f"budget missed at level {r.headers.get('X-Segserve-Level')}")
+                r.failure(f"budget missed at point {r.headers.get('X-Segserve-Point')}")
             else:
                 r.success()

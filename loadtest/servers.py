@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL_LEVEL = "1111-111"
 _RUNNING: set[ManagedServer] = set()
 
 
@@ -31,19 +30,20 @@ class ServingConfig:
     resize_scale: str = "1024x256"  # LONGxSHORT keep-ratio scale: 256x341 photos stay 256x341 (net 256x352)
     calibration_shape: str = "256x352"  # the network input of the most common size, so budgets read right
     max_batch_size: int = 4
-    max_queue_delay_ms: float = 10.0
+    max_queue_delay_ms: float = 2.0  # the server's default
     max_queue_size: int = 64
     workers: int = 1
     calibration_repeats: int = 3  # median of 3 timed runs: one noisy run on a shared machine does not skew it
     threads: int | None = None  # intra-op threads per worker (and for the plain endpoint); None = all cores
-    model: str = "edaformer-t"
     device: str = "cpu"
-    checkpoint: str | None = None
+    config_path: str | None = None  # the model repository file every segserve target serves
+    profile_dir: str | None = None  # where segserve keeps its latency profile; None = a private temporary one
+    model: str = "edaformer-t"  # the default model's architecture: what the plain endpoint serves
+    checkpoint: str | None = None  # its weights (None: random)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def segserve_env(self) -> dict[str, str]:
         env = {
-            "SEGSERVE_MODEL": self.model,
             "SEGSERVE_DEVICE": self.device,
             "SEGSERVE_RESIZE_SCALE": self.resize_scale,
             "SEGSERVE_CALIBRATION_SHAPE": self.calibration_shape,
@@ -54,9 +54,18 @@ class ServingConfig:
             "SEGSERVE_MAX_QUEUE_SIZE": str(self.max_queue_size),
             "SEGSERVE_WORKERS": str(self.workers),
             "SEGSERVE_LOG_LEVEL": "warning",
+            # A run calibrates afresh (never a profile persisted by an earlier run on a busier machine); the
+            # targets after the first reuse its profile, so every target plans from the same measurements.
+            "SEGSERVE_PROFILE_DIR": self.profile_dir or tempfile.mkdtemp(prefix="loadtest-profiles-"),
         }
-        if self.checkpoint:
-            env["SEGSERVE_CHECKPOINT"] = self.checkpoint
+        if self.config_path:
+            env["SEGSERVE_CONFIG"] = self.config_path
+        else:
+            env["SEGSERVE_MODEL"] = self.model
+            if self.checkpoint:
+                env["SEGSERVE_CHECKPOINT"] = self.checkpoint
+            else:
+                env["SEGSERVE_RANDOM_WEIGHTS"] = "true"
         if self.threads:
             env["SEGSERVE_THREADS_PER_WORKER"] = str(self.threads)
         return {**env, **self.extra_env}
@@ -78,7 +87,7 @@ class ManagedServer:
     env: dict[str, str]
     ready_path: str
     port: int = field(default_factory=free_port)
-    fixed_level: str | None = None  # the level every answer has when the server does not say
+    fixed_point: str | None = None  # every request names this point (segserve), or the server runs only it (plain)
     unset_env: tuple[str, ...] = ()  # inherited variables the server must not see
     process: subprocess.Popen | None = None
     log_path: Path | None = None
@@ -163,20 +172,19 @@ def _stop_all() -> None:
         server.stop(timeout_s=5.0)
 
 
-def segserve(name: str, config: ServingConfig, *, levels: str | None = None) -> ManagedServer:
-    """segserve under test; `levels` restricts the ladder (baseline (b): the full level only)."""
+def segserve(name: str, config: ServingConfig) -> ManagedServer:
+    """segserve under test, serving `config.config_path` (the fixed-point baseline is the same server)."""
+    # Inherited SEGSERVE_* variables would change what is measured without the report saying so.
+    inherited = tuple(key for key in os.environ if key.startswith("SEGSERVE_"))
     server = ManagedServer(name=name, kind="segserve", command=[sys.executable, "-m", "service", "serve"],
-                           env=config.segserve_env(), ready_path="/readyz",
-                           fixed_level=levels if levels and "," not in levels else None)
+                           env=config.segserve_env(), ready_path="/readyz", unset_env=inherited)
     server.env["SEGSERVE_PORT"] = str(server.port)
     server.env["SEGSERVE_HOST"] = "127.0.0.1"
-    if levels:
-        server.env["SEGSERVE_LEVELS"] = levels
     return server
 
 
-def plain(name: str, config: ServingConfig) -> ManagedServer:
-    """Baseline (a): the plain FastAPI endpoint (`loadtest.baseline_server`)."""
+def plain(name: str, config: ServingConfig, point: str) -> ManagedServer:
+    """Baseline (a): the plain FastAPI endpoint (`loadtest.baseline_server`), the default model at full compute."""
     port = free_port()
     command = [sys.executable, "-m", "loadtest.baseline_server", "--port", str(port),
                "--resize-scale", config.resize_scale, "--model", config.model, "--device", config.device]
@@ -187,4 +195,4 @@ def plain(name: str, config: ServingConfig) -> ManagedServer:
     # `segserve loadtest` runs inside segserve's CLI, which sets OMP_WAIT_POLICY for its own process; the plain
     # endpoint is what a user writes, with the library defaults, whichever command started the load test.
     return ManagedServer(name=name, kind="plain", command=command, env=dict(config.extra_env),
-                         ready_path="/healthz", port=port, fixed_level=FULL_LEVEL, unset_env=("OMP_WAIT_POLICY",))
+                         ready_path="/healthz", port=port, fixed_point=point, unset_env=("OMP_WAIT_POLICY",))

@@ -68,12 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     from models.cli import add_model_subcommands
 
     add_model_subcommands(subparsers)
-    try:
-        from loadtest.cli import add_loadtest_subcommand
-    except ImportError:  # the load-test tools are optional (extra "loadtest")
-        pass
-    else:
-        add_loadtest_subcommand(subparsers)
+    # Always registered: loadtest.cli imports only the standard library, and its commands name the extra
+    # ("loadtest") to install when matplotlib or httpx are missing.
+    from loadtest.cli import add_loadtest_subcommand
+
+    add_loadtest_subcommand(subparsers)
     return parser
 
 
