@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.api import demo, oip
@@ -41,6 +42,20 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         # Calibrate in the background: /healthz answers at once, /readyz turns 200 when calibrated.
         starter = asyncio.create_task(rt.start(), name="segserve-calibration")
         app.state.starter = starter
+        app.state.start_failed = None
+
+        def report(task: asyncio.Task) -> None:
+            # A server that cannot calibrate must not sit unready for ever: say why and let the process exit.
+            if task.cancelled() or task.exception() is None:
+                return
+            app.state.start_failed = task.exception()
+            log.critical("start-up failed: %s: %s", type(task.exception()).__name__, task.exception(),
+                         exc_info=task.exception())
+            stop = getattr(app.state, "on_start_failure", None)
+            if stop is not None:
+                stop()
+
+        starter.add_done_callback(report)
         try:
             yield
         finally:
@@ -64,6 +79,16 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def framework_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The framework's own 404 (no route) and 405 (wrong method) in the one documented error shape.
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        message = exc.detail if isinstance(exc.detail, str) else "request refused"
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}; see /docs"
+        return JSONResponse({"error": {"code": codes.get(exc.status_code, "http_error"), "message": message}},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -24,7 +24,7 @@ from service.metrics import Metrics
 from service.planner import Planner
 from service.points import UNKNOWN_MARGIN, Point, Pool
 from service.profile import LatencyProfile
-from service.repository import describe_entries, entries_from_settings
+from service.repository import ConfigError, describe_entries, entries_from_settings
 from service.served_model import ServedModel, assign_points, build_served_model
 from service.settings import Settings
 from service.workers import loader
@@ -111,11 +111,26 @@ class Runtime:
             base = min(published) - UNKNOWN_MARGIN if published else None
             for served in members:
                 assign_points(served, base)
+                self._drop_points_too_deep_for_calibration(served)
                 for point in served.points:
                     self.profile.register(point, served.shape_of(point, tuple(self.settings.calibration_shape)))
             points = [p for m in members for p in m.points]
             pools[task] = Pool(task, points, self._reference_latency)
         return pools
+
+    def _drop_points_too_deep_for_calibration(self, served: ServedModel) -> None:
+        """Points whose knob pools more than a calibration-sized image allows cannot be measured: not offered."""
+        size = tuple(self.settings.calibration_shape)
+        kept = [p for p in served.points if served.fits(p, served.shape_of(p, size))]
+        dropped = [p.name for p in served.points if p not in kept]
+        if dropped:
+            log.warning("%s: %d point(s) cannot take a %dx%d image at their scale and are not offered: %s "
+                        "(a larger --calibration-shape offers them)", served.name, len(dropped), size[1], size[0],
+                        ", ".join(dropped))
+        if not kept:
+            raise ConfigError(f"model {served.name}: no point can take a {size[1]}x{size[0]} image; raise "
+                              "calibration_shape or offer larger scales")
+        served.points = kept
 
     def _reference_latency(self, point: Point) -> float:
         return self.profile.estimate(point, self.profile.reference_shape(point), 1)

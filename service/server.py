@@ -77,6 +77,7 @@ def serve(settings: Settings) -> int:
                             **logs.UVICORN_LOG_SETTINGS)
     server = DrainingServer(config, settings)
     server.runtime = runtime
+    app.state.on_start_failure = lambda: setattr(server, "should_exit", True)
 
     async def main() -> None:
         if settings.grpc_port is not None:
@@ -93,4 +94,4 @@ def serve(settings: Settings) -> int:
                 await server.grpc_server.stop(grace=0)
 
     asyncio.run(main())
-    return 0
+    return 1 if getattr(app.state, "start_failed", None) is not None else 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from email import message_from_bytes
 from email.policy import HTTP
 from typing import Annotated
@@ -13,14 +14,18 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from service.api.schema import BOOLEAN, BOOLEANS, FORMAT, QUALITY, SEGMENT_BODY, SEGMENT_RESPONSES, milliseconds
 from service.describe import describe
 from service.errors import BadInput, InvalidParameter, PayloadTooLarge, UnsupportedFormat
 from service.images import ALLOWED_CONTENT_TYPES
 from service.metrics import METRICS_CONTENT_TYPE
 from service.pipeline import Pipeline, SegmentRequest
 from service.runtime import Runtime
+from service.settings import Settings
 
 router = APIRouter()
+# The schema's bound of a budget: the server's default max_budget_ms (a deployment can lower it, not raise it past).
+MAX_BUDGET_MS = Settings.model_fields["max_budget_ms"].default
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention for "the client went away before the answer"
 
 
@@ -60,25 +65,28 @@ def image_from_body(body: bytes, content_type: str) -> bytes:
     return body
 
 
+# Plain ASCII decimals only: Python's float() also takes "１２３" (full-width digits), "1_000", " 5 ", "inf" and "nan".
+NUMBER = re.compile(r"-?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+
+
 def parse_ms(name: str, value: str | None) -> float | None:
     if value is None or value == "":
         return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise InvalidParameter(f"{name} must be a number of milliseconds, got {value!r}",
-                               code="invalid_budget") from None
-    if math.isnan(number) or math.isinf(number):
+    if not NUMBER.fullmatch(value):
+        raise InvalidParameter(f"{name} must be a number of milliseconds (ASCII digits), got {value!r}",
+                               code="invalid_budget")
+    number = float(value)
+    if math.isinf(number):
         raise InvalidParameter(f"{name} must be a finite number of milliseconds, got {value!r}", code="invalid_budget")
     return number
 
 
 def parse_bool(name: str, value: str | None) -> bool:
-    if value is None or value.lower() in {"", "0", "false", "no"}:
+    if value is None:
         return False
-    if value.lower() in {"1", "true", "yes"}:
-        return True
-    raise InvalidParameter(f"{name} must be true or false, got {value!r}", code="invalid_parameter")
+    if value not in BOOLEANS:
+        raise InvalidParameter(f"{name} must be true or false, got {value!r}", code="invalid_parameter")
+    return BOOLEANS[value]
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -92,39 +100,35 @@ what was spent in the `X-Segserve-*` headers. `/v1/segment` lets the planner cho
 pool; `/v1/models/{model}/segment` restricts the choice to one model."""
 
 
-# The body is read raw (not parsed by FastAPI), so it is declared here for /docs: its try-it form gets a file picker.
-_IMAGE = {"type": "string", "format": "binary"}
-SEGMENT_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {"image": _IMAGE}}},
-    **{media: {"schema": _IMAGE} for media in ("image/jpeg", "image/png", "image/webp")},
-}}}
-
-
 @router.post("/v1/segment", summary="Segment an image", description=SEGMENT_DOC, openapi_extra=SEGMENT_BODY,
-             responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+             responses=SEGMENT_RESPONSES, response_class=Response)
 @router.post("/v1/models/{model}/segment", summary="Segment an image with a named model", description=SEGMENT_DOC,
-             openapi_extra=SEGMENT_BODY, responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+             openapi_extra=SEGMENT_BODY, responses=SEGMENT_RESPONSES, response_class=Response)
 async def segment(
     request: Request,
     runtime: RuntimeDep,
     model: str | None = None,
     task: Annotated[str | None, Query(description="Label space whose pool may answer (default: the default "
                                       "model's, e.g. ade20k).")] = None,
-    latency_budget_ms: Annotated[
-        str | None, Query(description="Latency budget in ms (also the header X-Latency-Budget-Ms).")
-    ] = None,
+    latency_budget_ms: Annotated[str | None, Query(
+        description="Latency budget in ms (also the header X-Latency-Budget-Ms).",
+        json_schema_extra=milliseconds(MAX_BUDGET_MS))] = None,
     quality: Annotated[str | None, Query(description="fast, balanced, best, or 0..1; caps the quality of the "
-                                         "point chosen (1 = any, 0 = only the cheapest).")] = None,
+                                         "point chosen (1 = any, 0 = only the cheapest).",
+                                         json_schema_extra=QUALITY)] = None,
     level: Annotated[str | None, Query(description="A knob level of the model (e.g. 2211-222), at scale 1; "
                                        "bypasses the planner.")] = None,
     point: Annotated[str | None, Query(description="An operating point from /v1/models (model/level@scale); "
                                        "bypasses the planner.")] = None,
-    format: Annotated[str, Query(description="png (default: the label map), color, overlay (the image blended with "
-                                 "the class colours), rle or json.")] = "png",
-    strict: Annotated[str | None, Query(description="true: refuse at once (503) if the budget cannot be met.")] = None,
-    timeout_ms: Annotated[str | None, Query(description="Hard deadline; past it a queued request gets 504.")] = None,
-    x_latency_budget_ms: Annotated[str | None, Header()] = None,
-    x_request_timeout_ms: Annotated[str | None, Header()] = None,
+    format: Annotated[str, Query(description="png (the label map), color, overlay (the image blended with the "
+                                 "class colours), rle or json.", json_schema_extra=FORMAT)] = "png",
+    strict: Annotated[str | None, Query(description="true: refuse at once (503) if the budget cannot be met.",
+                                        json_schema_extra=BOOLEAN)] = None,
+    timeout_ms: Annotated[str | None, Query(
+        description="Hard deadline: the answer never comes later; past it the request gets 504.",
+        json_schema_extra=milliseconds(MAX_BUDGET_MS))] = None,
+    x_latency_budget_ms: Annotated[str | None, Header(json_schema_extra=milliseconds(MAX_BUDGET_MS))] = None,
+    x_request_timeout_ms: Annotated[str | None, Header(json_schema_extra=milliseconds(MAX_BUDGET_MS))] = None,
 ) -> Response:
     body = await read_body(request, runtime.settings.max_body_bytes)
     segment_request = SegmentRequest(
@@ -135,7 +139,7 @@ async def segment(
         quality=quality,
         level=level or None,
         point=point or None,
-        format=format,
+        format=format or "png",
         strict=parse_bool("strict", strict),
         timeout_ms=parse_ms("timeout_ms", timeout_ms or x_request_timeout_ms),
         route=request.url.path,
