@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.points import Point
-from service.profile import LatencyProfile
+from service.profile import LatencyProfile, group_of
 from service.served_model import ServedModel
 from service.settings import Settings
 from service.workers.pool import BatchJob, Worker
@@ -56,11 +56,13 @@ def calibration_images(count: int, height: int, width: int) -> list[np.ndarray]:
     return images
 
 
-def anchor_points(served: ServedModel) -> list[Point]:
-    """The points measured directly: extremes of the knob at full scale, and the smallest scale."""
-    by_key = {(p.level.name, p.scale): p for p in served.points}
-    best, cheapest = served.levels[0], served.levels[-1]
-    scales = served.entry.scales
+def anchor_points(points: list[Point]) -> list[Point]:
+    """The points of one group measured directly: the extremes of the knob at the largest scale, and the best
+    level at the smallest scale."""
+    levels = sorted({p.level for p in points}, key=lambda level: level.rank)
+    scales = [p.scale for p in points]
+    by_key = {(p.level.name, p.scale): p for p in points}
+    best, cheapest = levels[0], levels[-1]
     wanted = [(best.name, max(scales)), (cheapest.name, max(scales)), (best.name, min(scales))]
     return [by_key[key] for key in dict.fromkeys(wanted) if key in by_key]
 
@@ -106,23 +108,36 @@ def _time(worker: Worker, job: BatchJob, repeats: int) -> float:
 
 
 def calibrate(served: ServedModel, profile: LatencyProfile, worker: Worker, settings: Settings) -> None:
-    """Measure the anchors of one model on a real worker and seed every point of it (blocking)."""
+    """Measure the anchors of one model on a real worker and seed every point of it (blocking).
+
+    Each numeric precision is its own group: its own anchors and its own fit of time on GMACs.
+    """
+    groups: dict[str, list[Point]] = {}
+    for point in served.points:
+        groups.setdefault(group_of(point), []).append(point)
+    for group, points in groups.items():
+        _calibrate_group(served, group, points, profile, worker, settings)
+
+
+def _calibrate_group(served: ServedModel, group: str, points: list[Point], profile: LatencyProfile, worker: Worker,
+                     settings: Settings) -> None:
     height, width = settings.calibration_shape
     sizes = sorted(_batch_sizes(settings))
-    anchors = anchor_points(served)
+    anchors = anchor_points(points)
     images = calibration_images(max(sizes), height, width)
     steps = [(p, b) for p in anchors for b in sizes]
     log.info("calibrating %s: %d anchor points x batch sizes %s on %dx%d images (the other %d points are derived)",
-             served.name, len(anchors), sizes, width, height, len(served.points) - len(anchors))
+             group, len(anchors), sizes, width, height, len(points) - len(anchors))
     measured: dict[str, dict[int, float]] = {}
-    with tqdm(steps, desc=f"calibration {served.name}", unit="step", file=sys.stderr, mininterval=1.0) as bar:
+    # A bar where a person watches a terminal; none in a log file or in JSON logs (disable=None: not a tty).
+    with tqdm(steps, desc=f"calibration {group}", unit="step", file=sys.stderr, mininterval=1.0, disable=None) as bar:
         for point, batch in bar:
             shape = profile.reference_shape(point)
-            job = BatchJob(served.name, point.level, shape, images[:batch], [(height, width)] * batch)
+            job = BatchJob(served.name, point.level, shape, images[:batch], [(height, width)] * batch, point.precision)
             seconds = _time(worker, job, settings.calibration_repeats)
             measured.setdefault(point.name, {})[batch] = seconds
             bar.set_postfix_str(f"{point.level.name}@{point.scale:g} b={batch} {seconds * 1e3:.0f} ms")
-    profile.seed(served.name, measured, served.points)
+    profile.seed(group, measured, points)
 
 
 def warm_up(served: ServedModel, profile: LatencyProfile, worker: Worker, settings: Settings) -> None:
@@ -130,5 +145,5 @@ def warm_up(served: ServedModel, profile: LatencyProfile, worker: Worker, settin
     height, width = settings.calibration_shape
     point = served.points[0]
     job = BatchJob(served.name, point.level, profile.reference_shape(point), calibration_images(1, height, width),
-                   [(height, width)])
+                   [(height, width)], point.precision)
     worker.run(job)

@@ -24,7 +24,7 @@ from service.points import Point
 
 log = logging.getLogger(__name__)
 Shape = tuple[int, int]
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: fits and drift per precision group
 
 
 def interpolate(row: Mapping[int, float], batch_size: int) -> float:
@@ -60,6 +60,11 @@ def affine_fit(samples: list[tuple[float, float]]) -> tuple[float, float]:
     return intercept, slope
 
 
+def group_of(point: Point) -> str:
+    """Points whose cost follows one affine fit and one drift: a model at one numeric precision."""
+    return point.model if point.precision == "fp32" else f"{point.model}:{point.precision}"
+
+
 class LatencyProfile:
     """Seconds per batch by point and batch size at each point's reference shape, plus the shape scaling."""
 
@@ -67,7 +72,7 @@ class LatencyProfile:
         self._gmacs = gmacs
         self._smoothing = smoothing
         self._reference: dict[str, Shape] = {}  # point name -> reference network shape
-        self._model_of: dict[str, str] = {}
+        self._model_of: dict[str, str] = {}  # point name -> its group: model and precision (one cost regime)
         self._seeded: dict[str, dict[int, float]] = {}
         self._observed: dict[str, dict[int, float]] = {}
         self._fits: dict[str, dict[int, tuple[float, float]]] = {}  # model -> batch -> (a, c)
@@ -78,16 +83,17 @@ class LatencyProfile:
     def register(self, point: Point, reference_shape: Shape) -> None:
         with self._lock:
             self._reference[point.name] = reference_shape
-            self._model_of[point.name] = point.model
+            self._model_of[point.name] = group_of(point)
             self._seeded.setdefault(point.name, {})
             self._observed.setdefault(point.name, {})
-            self.drift.setdefault(point.model, 1.0)
+            self.drift.setdefault(group_of(point), 1.0)
 
     def reference_shape(self, point: Point) -> Shape:
         return self._reference[point.name]
 
     def seed(self, model: str, anchors: Mapping[str, Mapping[int, float]], points: list[Point]) -> None:
-        """Seed every point of `model` from measured anchors {point name: {batch: seconds}}."""
+        """Seed every point of one group (`group_of`: a model at one precision) from measured anchors
+        {point name: {batch: seconds}}."""
         batches = sorted({b for row in anchors.values() for b in row})
         fits = {}
         for batch in batches:
@@ -117,7 +123,7 @@ class LatencyProfile:
         reference = self._reference[point.name]
         if shape == reference:
             return 1.0
-        a, c = self._fits.get(point.model, {}).get(1, (0.0, 1.0))
+        a, c = self._fits.get(group_of(point), {}).get(1, (0.0, 1.0))
         here, there = self._gmacs(point, shape), self._gmacs(point, reference)
         return (a + c * here) / max(a + c * there, 1e-12)
 
@@ -138,7 +144,8 @@ class LatencyProfile:
             seeded = self._seeded[point.name]
             if seeded:
                 ratio = normalized / interpolate(seeded, batch_size)
-                self.drift[point.model] = (1 - alpha) * self.drift[point.model] + alpha * ratio
+                group = group_of(point)
+                self.drift[group] = (1 - alpha) * self.drift[group] + alpha * ratio
             observed = self._observed[point.name]
             previous = observed.get(batch_size, seeded.get(batch_size))
             observed[batch_size] = normalized if previous is None else (1 - alpha) * previous + alpha * normalized
@@ -147,16 +154,21 @@ class LatencyProfile:
         """{point name: {batch: seconds}} at each point's reference shape (optionally one model's)."""
         with self._lock:
             return {name: dict(sorted(self._row(name).items())) for name in self._seeded
-                    if self._seeded[name] and (model is None or self._model_of[name] == model)}
+                    if self._seeded[name] and (model is None or name.split("/", 1)[0] == model)}
 
     # ----- persistence -----
+    def _groups(self, model: str) -> list[str]:
+        return sorted({group for name, group in self._model_of.items() if name.split("/", 1)[0] == model})
+
     def save(self, path: Path, model: str, key: Mapping[str, object]) -> None:
-        """Write one model's profile (seeded rows, observed rows, fits, drift) with the key it is valid for."""
+        """Write one model's profile (seeded rows, observed rows, fits and drift per precision) under `key`."""
         with self._lock:
-            names = [n for n, m in self._model_of.items() if m == model]
+            names = [n for n in self._model_of if n.split("/", 1)[0] == model]
+            groups = self._groups(model)
             data = {
-                "version": PROFILE_VERSION, "key": dict(key), "drift": self.drift.get(model, 1.0),
-                "fits": {str(b): list(ab) for b, ab in self._fits.get(model, {}).items()},
+                "version": PROFILE_VERSION, "key": dict(key),
+                "drift": {g: self.drift.get(g, 1.0) for g in groups},
+                "fits": {g: {str(b): list(ab) for b, ab in self._fits.get(g, {}).items()} for g in groups},
                 "seeded": {n: {str(b): s for b, s in self._seeded[n].items()} for n in names},
                 "observed": {n: {str(b): s for b, s in self._observed[n].items()} for n in names},
             }
@@ -174,19 +186,20 @@ class LatencyProfile:
         if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION or data.get("key") != dict(key):
             return False
         try:
-            fits = {int(b): (float(ab[0]), float(ab[1])) for b, ab in data["fits"].items()}
+            fits = {g: {int(b): (float(ab[0]), float(ab[1])) for b, ab in row.items()}
+                    for g, row in data["fits"].items()}
             seeded = {n: {int(b): float(s) for b, s in row.items()} for n, row in data["seeded"].items()}
             observed = {n: {int(b): float(s) for b, s in row.items()} for n, row in data["observed"].items()}
-            drift = float(data["drift"])
+            drift = {g: float(value) for g, value in data["drift"].items()}
         except (KeyError, TypeError, ValueError, IndexError, AttributeError):
             log.warning("ignoring the malformed latency profile %s", path)
             return False
-        if not fits or any(not seeded.get(p.name) for p in points):
-            return False  # a point the saved profile never measured: calibrate again
+        if any(group_of(p) not in fits or not seeded.get(p.name) for p in points):
+            return False  # a point (or precision) the saved profile never measured: calibrate again
         with self._lock:
-            self._fits[model] = fits
+            self._fits.update(fits)
             for point in points:
                 self._seeded[point.name] = seeded[point.name]
                 self._observed[point.name] = observed.get(point.name, {})
-            self.drift[model] = drift
+            self.drift.update(drift)
         return True

@@ -110,13 +110,21 @@ class Runtime:
                          if m.meta.dataset in m.spec.published_miou]
             base = min(published) - UNKNOWN_MARGIN if published else None
             for served in members:
-                assign_points(served, base)
+                assign_points(served, base, self._precisions())
                 self._drop_points_too_deep_for_calibration(served)
                 for point in served.points:
                     self.profile.register(point, served.shape_of(point, tuple(self.settings.calibration_shape)))
             points = [p for m in members for p in m.points]
             pools[task] = Pool(task, points, self._reference_latency)
         return pools
+
+    def _precisions(self) -> tuple[str, ...]:
+        settings = self.settings
+        reduced = [p for p in settings.precisions if p != "fp32"]
+        if reduced and (settings.device != "cuda" or settings.backend != "torch"):
+            raise ConfigError(f"precisions {', '.join(reduced)} need --device cuda and the torch backend (autocast); "
+                              f"this server runs {settings.backend} on {settings.device}")
+        return settings.precisions
 
     def _drop_points_too_deep_for_calibration(self, served: ServedModel) -> None:
         """Points whose knob pools more than a calibration-sized image allows cannot be measured: not offered."""

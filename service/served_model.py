@@ -115,7 +115,7 @@ def quality_lookup(served: ServedModel) -> QualityLookup | None:
     return lookup
 
 
-def assign_points(served: ServedModel, base: float | None) -> None:
-    """Every (level, scale) point of the model with its quality value (measured, else the prior)."""
+def assign_points(served: ServedModel, base: float | None, precisions: tuple[str, ...] = ("fp32",)) -> None:
+    """Every (level, scale, precision) point of the model with its quality value (measured, else the prior)."""
     served.points = model_points(served.name, served.spec, served.meta.dataset or "", served.levels,
-                                 served.entry.scales, quality_lookup(served), base)
+                                 served.entry.scales, quality_lookup(served), base, precisions)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Sizes come from the environment as "512x512" and lists as "1,2,4", parsed by the validators below.
@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     )
     scales: Annotated[tuple[float, ...], NoDecode] = Field(
         (1.0, 0.75, 0.5), description="Input scales offered as operating points (1.0 = the dataset's reference scale)."
+    )
+    precisions: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("fp32",), description="Numeric precisions offered as operating points: fp32, and on CUDA with the torch "
+        "backend bf16 and fp16 (autocast), e.g. fp32,bf16.",
     )
     quality_table: str | None = Field(
         None, description="Quality table (JSON from `segserve evaluate`) for the single model; measured values replace "
@@ -114,6 +118,36 @@ class Settings(BaseSettings):
     cache_max_value_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Results larger than this are not cached.")
     redis_timeout_s: float = Field(0.05, gt=0, le=10, description="Redis socket timeout; the cache fails open.")
 
+    # --- access: API keys, rate limit, CORS, ops port (service/api/guards.py, service/grpc/guards.py) ---
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="API keys: auto = required when keys are configured; on = required (the server refuses "
+        "to start without keys); off = never asked, even with keys configured.",
+    )
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys; clients send 'Authorization: Bearer <key>' (gRPC: the metadata "
+        "authorization).",
+    )
+    api_keys_file: str | None = Field(
+        None, description="File of SHA-256 hex digests of API keys, one a line (a label may follow; # comments), "
+        "used with or instead of api_keys.",
+    )
+    rate_limit_rps: float = Field(
+        0, ge=0, le=1_000_000, description="Requests a second per API key (per client address when no key is "
+        "asked for), both transports together; past it 429 rate_limited with Retry-After (0 = no limit).",
+    )
+    rate_limit_burst: int = Field(
+        0, ge=0, le=1_000_000, description="Requests a client may send at once before the rate applies "
+        "(0 = the rate rounded up, at least 1).",
+    )
+    cors_origins: str = Field(
+        "", description="Comma-separated origins allowed to call the API from a browser (e.g. https://app.example); "
+        "empty = no CORS headers.",
+    )
+    ops_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve /healthz, /readyz and /metrics on this port only (and nothing else "
+        "there); unset = on the API port, open without a key.",
+    )
+
     # --- lifecycle ---
     shutdown_grace_s: float = Field(20.0, ge=0, le=600, description="How long SIGTERM waits for accepted work.")
     log_level: str = Field("info", description="Python logging level.")
@@ -163,6 +197,18 @@ class Settings(BaseSettings):
         if not value or any(not 0 < s <= 4 for s in value):
             raise ValueError(f"scales must be numbers in (0, 4], got {value}")
         return tuple(sorted(set(value), reverse=True))
+
+    @field_validator("precisions", mode="before")
+    @classmethod
+    def _parse_precisions(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, list | tuple):
+            unknown = sorted(set(value) - {"fp32", "bf16", "fp16"})
+            if unknown or not value:
+                raise ValueError(f"precisions must be among fp32, bf16, fp16; got {value}")
+            return tuple(dict.fromkeys(value))
+        return value
 
     @field_validator("models", mode="before")
     @classmethod

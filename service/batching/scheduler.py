@@ -280,7 +280,7 @@ class Scheduler:
         point = plan.point
         started = time.monotonic()
         job = BatchJob(point.model, point.level, plan.shape, [item.pixels for item in batch],
-                       [item.original_size for item in batch])
+                       [item.original_size for item in batch], point.precision)
         try:
             output = await self.pool.run(worker, job)
         except Exception as exc:

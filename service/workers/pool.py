@@ -36,6 +36,7 @@ class BatchJob:
     shape: Shape  # network input (H, W)
     pixels: list[np.ndarray]  # RGB uint8 (h, w, 3), any size: resized to `shape` in the worker
     original_sizes: list[Shape]  # (H, W) of each mask to return
+    precision: str = "fp32"  # "fp32", or "bf16"/"fp16" (CUDA autocast)
 
 
 class Worker:
@@ -53,7 +54,7 @@ class Worker:
     def run(self, job: BatchJob) -> BatchOutput:
         if self.backends is None:
             raise RuntimeError(f"worker {self.index} has no backend")
-        return self.backends[job.model].run(job.pixels, job.shape, job.level, job.original_sizes)
+        return self.backends[job.model].run(job.pixels, job.shape, job.level, job.original_sizes, job.precision)
 
     def record(self, ok: bool) -> None:
         """Count failures; rebuild the backends after several in a row (runs on the worker thread)."""

@@ -134,3 +134,11 @@ def test_a_worker_that_cannot_rebuild_turns_readiness_off(client: TestClient, fa
     refused = segment(client, png(red=200))
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
     assert int(refused.headers["Retry-After"]) >= 1
+
+
+def test_reduced_precision_points_need_cuda(tmp_path) -> None:
+    from service.repository import ConfigError
+
+    settings = Settings(**SETTINGS, profile_dir=str(tmp_path), precisions="fp32,bf16")
+    with pytest.raises(ConfigError, match="need --device cuda and the torch backend"):
+        Runtime(settings)

@@ -62,7 +62,7 @@ class FakeBackend:
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
 
-    def run(self, pixels, shape, level, sizes) -> BatchOutput:
+    def run(self, pixels, shape, level, sizes, precision="fp32") -> BatchOutput:
         ids = tuple(int(p[0, 0, 0]) for p in pixels)
         self.recorder.batches.append((level.name, ids, tuple(shape)))
         self.recorder.started.set()

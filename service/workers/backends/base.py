@@ -7,6 +7,7 @@ the argmax) in the worker thread, where the logits already are: the event loop o
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -45,17 +46,25 @@ class Backend(ABC):
     def __init__(self, pipeline: DatasetInfo) -> None:
         self.pipeline = pipeline
 
+    precisions: tuple[str, ...] = ("fp32",)  # what this backend can run
+
     @abstractmethod
     def forward_with_stats(self, images: torch.Tensor, **knob: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B, 3, H, W) normalized float -> logits (B, K, h, w) on the CPU, and per-image statistics."""
 
+    def precision_context(self, precision: str) -> contextlib.AbstractContextManager:
+        """What makes the forward run at `precision` (fp32: nothing)."""
+        if precision not in self.precisions:
+            raise ValueError(f"the {self.name} backend cannot run {precision}; it runs {', '.join(self.precisions)}")
+        return contextlib.nullcontext()
+
     def run(self, pixels: Sequence[np.ndarray], shape: Shape, level: Level,
-            original_sizes: Sequence[Shape]) -> BatchOutput:
+            original_sizes: Sequence[Shape], precision: str = "fp32") -> BatchOutput:
         start = time.perf_counter()
         pipeline = self.pipeline
         images = torch.cat([preprocess(p, shape, pipeline.mean, pipeline.std) for p in pixels])
         prepared = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.precision_context(precision):
             logits, stats = network_logits(self, images, pipeline, **level.kwargs)
             forward_done = time.perf_counter()
             labels = [labels_from_logits(logits[i : i + 1], shape, size)[0] for i, size in enumerate(original_sizes)]
