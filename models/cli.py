@@ -1,4 +1,4 @@
-"""Model commands of `segserve`: `predict`, `export-onnx` and `bench`.
+"""Model commands of `segserve`: `predict`, `export-onnx`, `bench` and `evaluate`.
 
 `service/cli.py` registers them with `add_model_subcommands(subparsers)`; each parser's `handler`
 takes the parsed arguments and returns an exit code. `python -m models.cli ...` runs the same
@@ -8,6 +8,7 @@ commands without the service package:
     python -m models.cli predict street.jpg --model lrformer-t --level s12 --scale 0.75 -o mask.png
     python -m models.cli export-onnx --model edaformer-t --level 2211/222 -o t_2211-222.onnx
     python -m models.cli bench --quick --json bench.json
+    python -m models.cli evaluate data/ade_val --model edaformer-t --checkpoint t_ade.pth --json quality.json
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from models.spec import Level
 
 log = logging.getLogger(__name__)
-DATASET_CHOICES = ("ade20k", "cityscapes", "coco-stuff")
+DATASET_CHOICES = ("ade20k", "cityscapes", "coco-stuff", "demo")
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -227,9 +228,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+@_user_errors
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """segserve evaluate FOLDER: measured quality (mIoU, or agreement without labels) and latency per operating
+    point; see `models.evaluate`."""
+    _setup_logging(args.verbose)
+    from models.evaluate import run_from_args
+
+    return run_from_args(args)
+
+
 def add_model_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `predict`, `export-onnx` and `bench`; each sets `handler(args) -> exit code`."""
+    """Register `predict`, `export-onnx`, `bench` and `evaluate`; each sets `handler(args) -> exit code`."""
     from models.bench import add_bench_arguments
+    from models.evaluate import add_evaluate_arguments
     from models.export import DEFAULT_OPSET, PARITY_SIZES, PARITY_TOLERANCE
 
     predict = subparsers.add_parser("predict", help="segment one image and write the label map as PNG",
@@ -258,6 +270,12 @@ def add_model_subcommands(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="eager torch vs ONNX Runtime per ISR level, vs the matmul ceiling")
     add_bench_arguments(bench)
     bench.set_defaults(handler=cmd_bench)
+
+    evaluate = subparsers.add_parser("evaluate", help="mIoU (or agreement) and latency per operating point on a "
+                                     "folder; writes the quality table the planner reads",
+                                     description=cmd_evaluate.__doc__)
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ import functools
 import random
 from dataclasses import dataclass
 
-__all__ = ["DATASETS", "DatasetInfo", "dataset_for", "generic_palette"]
+__all__ = ["DATASETS", "DatasetInfo", "dataset_for", "dataset_named_by_classes", "generic_palette"]
 
 RGB = tuple[int, int, int]
 
@@ -169,6 +169,17 @@ _COCO_STUFF_PALETTE: tuple[RGB, ...] = (
     (192, 192, 192), (0, 64, 160), (192, 160, 192), (192, 192, 0), (128, 64, 96), (192, 32, 64),
     (192, 64, 128), (64, 192, 96), (64, 160, 64), (64, 64, 0),
 )
+
+# The demo label space: procedurally generated outdoor scenes (models/demo_scenes.py), what the shipped demo
+# weights were trained on.
+_DEMO_CLASSES: tuple[str, ...] = (
+    "sky", "grass", "water", "road", "building", "tree", "car", "person", "sand", "mountain",
+)
+
+_DEMO_PALETTE: tuple[RGB, ...] = (
+    (70, 130, 180), (120, 200, 60), (20, 50, 210), (128, 64, 128), (190, 90, 60),
+    (20, 100, 30), (255, 200, 0), (220, 20, 60), (235, 210, 150), (110, 90, 80),
+)
 # fmt: on
 
 # --- registry ------------------------------------------------------------------------------------------
@@ -200,6 +211,15 @@ DATASETS: dict[str, DatasetInfo] = {
         resize_scale=(2048, 512),
         align_to=32,
     ),
+    # Scenes are generated at 256x256, so the keep-ratio scale keeps them at their size (short side 256).
+    "demo": DatasetInfo(
+        name="demo",
+        class_names=_DEMO_CLASSES,
+        palette=_DEMO_PALETTE,
+        test_mode="whole",
+        resize_scale=(1024, 256),
+        align_to=32,
+    ),
 }
 
 _ALIASES = {
@@ -211,6 +231,7 @@ _ALIASES = {
     "cocostuff": "coco-stuff",
     "coco-stuff164k": "coco-stuff",
     "cocostuff164k": "coco-stuff",
+    "demo": "demo",
 }
 
 _GOLDEN = 0.618033988749895
@@ -256,6 +277,14 @@ def _custom(num_classes: int) -> DatasetInfo:
     )
 
 
+def dataset_named_by_classes(class_names: list[str]) -> str | None:
+    """The known dataset whose class names are exactly these (a checkpoint's meta), if any."""
+    for info in DATASETS.values():
+        if list(info.class_names) == list(class_names):
+            return info.name
+    return None
+
+
 def dataset_for(name: str | None = None, num_classes: int | None = None) -> DatasetInfo:
     """Resolve the dataset metadata for a model.
 
@@ -282,6 +311,7 @@ def dataset_for(name: str | None = None, num_classes: int | None = None) -> Data
     if num_classes is None:
         return DATASETS["ade20k"]
     for info in DATASETS.values():
-        if info.num_classes == num_classes:
+        # Only the benchmarks are guessed from a class count: a 10-class checkpoint is not the demo's unless named.
+        if info.num_classes == num_classes and info.name != "demo":
             return info
     return _custom(num_classes)

@@ -63,13 +63,15 @@ def create_model(
     """
     # Imported here so that `models.registry` has no import cycle with the variant modules.
     from models.checkpoint import apply_state_dict, load_checkpoint_file, prepare_state_dict
-    from models.datasets import dataset_for
+    from models.datasets import dataset_for, dataset_named_by_classes
 
     spec = get_spec(name)
     loaded = load_checkpoint_file(checkpoint) if checkpoint is not None else None
     prepared = prepare_state_dict(loaded, spec.checkpoint) if loaded is not None else None
     if num_classes is None:
         num_classes = prepared.num_classes if prepared else dataset_for(dataset, None).num_classes
+    if dataset is None and loaded is not None and loaded.class_names:
+        dataset = dataset_named_by_classes(loaded.class_names)  # e.g. the demo weights carry the demo classes
     info = dataset_for(dataset, num_classes)  # ValueError when the named dataset has another class count
     model = _BUILDERS[name](num_classes=num_classes, **kwargs)
     model.meta.dataset = info.name

@@ -92,13 +92,12 @@ def build_served_model(entry: ModelEntry, loaded: LoadedModel, settings: Setting
 
 def quality_lookup(served: ServedModel) -> QualityLookup | None:
     """Measured quality for this model's points: its configured table, else the demo weights' own table."""
-    from service.workers.loader import demo_weights
+    from models.demo_scenes import demo_quality_table_path
 
     path = served.quality_table
     if path is None and served.weights == "demo":
-        demo = demo_weights(served.spec.name)
-        candidate = demo.with_name(f"{served.spec.name}.quality.json") if demo else None
-        path = str(candidate) if candidate is not None and candidate.is_file() else None
+        demo = demo_quality_table_path(served.spec.name)
+        path = str(demo) if demo is not None else None
     if path is None:
         return None
     from models.evaluate import load_quality_table

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 
-import models
 from models import SegmentationModel, create_model
 from models.datasets import DatasetInfo
+from models.demo_scenes import demo_weights_path
 from models.flops import gmacs_for
 from models.spec import Level
 from service.workers.backends.base import Backend
 
 log = logging.getLogger(__name__)
-DEMO_WEIGHTS_DIR = Path(models.__file__).resolve().parent / "weights" / "demo"
 
 
 @dataclass
@@ -32,17 +31,11 @@ class LoadedModel:
     weights_id: str  # the checkpoint's sha256, or "random"
 
 
-def demo_weights(architecture: str) -> Path | None:
-    """The committed demo weights of an architecture (trained on synthetic scenes), if there are any."""
-    path = DEMO_WEIGHTS_DIR / f"{architecture}.safetensors"
-    return path if path.is_file() else None
-
-
 def load_model(architecture: str, checkpoint: str | None, dataset: str | None, random_weights: bool) -> LoadedModel:
     """The network in eval mode with its weights: the checkpoint, else demo weights, else seeded random ones."""
     kind = "checkpoint"
     if checkpoint is None and not random_weights:
-        demo = demo_weights(architecture)
+        demo = demo_weights_path(architecture)
         if demo is not None:
             checkpoint, kind = str(demo), "demo"
             dataset = dataset or "demo"
