@@ -23,7 +23,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.api import oip_core as core
-from service.api.routes import read_body
+from service.api.routes import CLIENT_CLOSED_REQUEST, read_body, unless_disconnected
 from service.api.schema import OIP_INFER_BODY, OIP_INFER_RESPONSES, OIP_NOT_FOUND
 from service.errors import BadInput, ServiceError, UnsupportedFormat
 from service.pipeline import Pipeline
@@ -32,7 +32,6 @@ from service.runtime import Runtime
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["Open Inference Protocol (v2)"])
 HEADER_LENGTH = "inference-header-content-length"
-CLIENT_CLOSED_REQUEST = 499
 OCTET_STREAM = "application/octet-stream"
 
 
@@ -192,11 +191,6 @@ def infer_response(call: core.InferCall, outcome: core.InferOutcome, model: str)
     return Response(b"".join([header, *blobs]), media_type=OCTET_STREAM, headers=headers)
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 @router.post("/v2/models/{model}/infer", summary="Segment images (Open Inference Protocol)",
              responses=OIP_INFER_RESPONSES, openapi_extra=OIP_INFER_BODY)
 @router.post("/v2/models/{model}/versions/{version}/infer", summary="Segment images with a model version",
@@ -215,18 +209,9 @@ async def infer(request: Request, model: str, version: str | None = None) -> Res
         # JSON parsing and tensor checks are CPU work on up to max_body_bytes: off the event loop.
         call = await asyncio.to_thread(lambda: parse_call(runtime, model, *split_body(body, header_length)))
         pipeline: Pipeline = request.app.state.pipeline
-        work = asyncio.create_task(core.infer(runtime, pipeline, call, request.url.path))
-        gone = asyncio.create_task(_wait_for_disconnect(request))
-        runtime.metrics.inflight.inc()
-        try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            runtime.metrics.inflight.dec()
-        if not work.done():
-            work.cancel()  # the client went away: its queued work is dropped, not computed
+        outcome = await unless_disconnected(request, runtime, core.infer(runtime, pipeline, call, request.url.path))
+        if outcome is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        gone.cancel()
-        outcome = work.result()
         return await asyncio.to_thread(infer_response, call, outcome, model)  # JSON data of a large map is slow
 
     return await answer(handle)

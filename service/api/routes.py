@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+from collections.abc import Coroutine
 from email import message_from_bytes
 from email.policy import HTTP
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -24,6 +25,7 @@ from service.runtime import Runtime
 from service.settings import Settings
 
 router = APIRouter()
+T = TypeVar("T")
 # The schema's bound of a budget: the server's default max_budget_ms (a deployment can lower it, not raise it past).
 MAX_BUDGET_MS = Settings.model_fields["max_budget_ms"].default
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention for "the client went away before the answer"
@@ -94,6 +96,23 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
+async def unless_disconnected(request: Request, runtime: Runtime, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run `work` (counted in flight) unless the client hangs up first: then it is cancelled, so its queued
+    compute is dropped, and None is returned (the route answers 499)."""
+    task = asyncio.create_task(work)
+    gone = asyncio.create_task(_wait_for_disconnect(request))
+    runtime.metrics.inflight.inc()
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        runtime.metrics.inflight.dec()
+    if not task.done():
+        task.cancel()
+        return None
+    gone.cancel()
+    return task.result()
+
+
 SEGMENT_DOC = """Segment one image. The body is the raw image (image/jpeg, image/png, image/webp) or a
 multipart/form-data field `image`. The response is the mask (a PNG label map by default) with a receipt of
 what was spent in the `X-Segserve-*` headers. `/v1/segment` lets the planner choose any model of the task's
@@ -145,18 +164,9 @@ async def segment(
         route=request.url.path,
     )
     pipeline: Pipeline = request.app.state.pipeline
-    runtime.metrics.inflight.inc()
-    work = asyncio.create_task(pipeline.segment(segment_request))
-    gone = asyncio.create_task(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        runtime.metrics.inflight.dec()
-    if not work.done():
-        work.cancel()  # the client went away: its queued work is dropped, not computed
+    result = await unless_disconnected(request, runtime, pipeline.segment(segment_request))
+    if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    gone.cancel()
-    result = work.result()
     return Response(result.body, media_type=result.content_type, headers=result.receipt.headers())
 
 
