@@ -47,12 +47,17 @@ RUN groupadd --system --gid 10001 segserve \
     && mkdir -p /models
 # Library caches (torch, onnxruntime) go to /tmp, the one writable path under Kubernetes'
 # readOnlyRootFilesystem (an emptyDir there).
+# The image listens on every interface, so API keys are required: give them as SEGSERVE_API_KEYS
+# (comma-separated) or SEGSERVE_API_KEYS_FILE (SHA-256 digests, one a line, e.g. a mounted secret);
+# without any the server refuses to start. SEGSERVE_AUTH=off for a trusted network only.
 ENV SEGSERVE_HOST=0.0.0.0 \
     SEGSERVE_PORT=8080 \
     SEGSERVE_GRPC_PORT=50051 \
+    SEGSERVE_AUTH=on \
     XDG_CACHE_HOME=/tmp/.cache
 VOLUME ["/models"]
-# 8080: HTTP API, /healthz, /readyz and /metrics. 50051: gRPC (segserve.v1 + grpc.health.v1).
+# 8080: HTTP API, /healthz, /readyz and /metrics (these three open, without a key). 50051: gRPC
+# (segserve.v1 + grpc.health.v1, health open).
 EXPOSE 8080 50051
 # Ready means models loaded, latencies calibrated and workers alive; calibration on a CPU can take
 # minutes, hence the long start period. urllib because the slim image has no curl; a non-2xx

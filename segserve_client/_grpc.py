@@ -71,15 +71,22 @@ def rpc_error(exc: grpc.RpcError) -> SegservError:
     return error
 
 
+def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The key as the metadata a server with API keys reads (`authorization: Bearer <key>`)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
 class GrpcSync:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, api_key: str | None = None) -> None:
         _, pb2_grpc = stubs()
         self.channel = grpc.insecure_channel(target_of(address), options=CHANNEL_OPTIONS)
         self.stub = pb2_grpc.SegmentationStub(self.channel)
+        self.metadata = call_metadata(api_key)
 
     def segment(self, call: SegmentCall) -> Result:
         try:
-            response = self.stub.Segment(segment_message(call), timeout=deadline_s(call))
+            response = self.stub.Segment(segment_message(call), timeout=deadline_s(call),
+                                         metadata=self.metadata)
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
         return segment_result(response, call)
@@ -87,7 +94,8 @@ class GrpcSync:
     def models(self, timeout_s: float | None) -> Listing:
         pb2, _ = stubs()
         try:
-            return Listing.from_message(self.stub.ListModels(pb2.ListModelsRequest(), timeout=timeout_s))
+            return Listing.from_message(self.stub.ListModels(pb2.ListModelsRequest(), timeout=timeout_s,
+                                                             metadata=self.metadata))
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
 
@@ -108,10 +116,11 @@ class GrpcSync:
 class GrpcAsync:
     """grpc.aio; the channel is made on first use, inside the event loop that uses it."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, api_key: str | None = None) -> None:
         self.address = target_of(address)
         self.channel: grpc.aio.Channel | None = None
         self.stub: Any = None
+        self.metadata = call_metadata(api_key)
 
     def _stub(self) -> Any:
         if self.stub is None:
@@ -122,7 +131,8 @@ class GrpcAsync:
 
     async def segment(self, call: SegmentCall) -> Result:
         try:
-            response = await self._stub().Segment(segment_message(call), timeout=deadline_s(call))
+            response = await self._stub().Segment(segment_message(call), timeout=deadline_s(call),
+                                                  metadata=self.metadata)
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
         return segment_result(response, call)
@@ -130,7 +140,8 @@ class GrpcAsync:
     async def models(self, timeout_s: float | None) -> Listing:
         pb2, _ = stubs()
         try:
-            return Listing.from_message(await self._stub().ListModels(pb2.ListModelsRequest(), timeout=timeout_s))
+            return Listing.from_message(await self._stub().ListModels(
+                pb2.ListModelsRequest(), timeout=timeout_s, metadata=self.metadata))
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
 

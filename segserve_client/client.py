@@ -106,6 +106,11 @@ def _transport_of(address: str, transport: Transport | None) -> Transport:
                      "or pass transport='http' or 'grpc'")
 
 
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    """The bearer token of a server with API keys (`api_key=`); nothing without one."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class _Base:
     def __init__(self, address: str, transport: Transport | None, retry: RetryPolicy | None,
                  timeout_s: float | None) -> None:
@@ -118,17 +123,20 @@ class _Base:
 
 
 class Client(_Base):
-    """A blocking client over HTTP (`http://host:port`) or gRPC (`grpc://host:port`, or transport='grpc')."""
+    """A blocking client over HTTP (`http://host:port`) or gRPC (`grpc://host:port`, or transport='grpc');
+    `api_key` for a server that asks for one (sent as `Authorization: Bearer`, on gRPC as metadata)."""
 
     def __init__(self, address: str, *, transport: Transport | None = None, retry: RetryPolicy | None = None,
-                 timeout_s: float | None = DEFAULT_TIMEOUT_S, trust_env: bool = True) -> None:
+                 timeout_s: float | None = DEFAULT_TIMEOUT_S, trust_env: bool = True,
+                 api_key: str | None = None) -> None:
         super().__init__(address, transport, retry, timeout_s)
         if self.transport == "http":
-            self._http = httpx.Client(base_url=self.address, timeout=timeout_s, trust_env=trust_env)
+            self._http = httpx.Client(base_url=self.address, timeout=timeout_s, trust_env=trust_env,
+                                      headers=_auth_headers(api_key))
         else:
             from segserve_client._grpc import GrpcSync
 
-            self._grpc = GrpcSync(self.address)
+            self._grpc = GrpcSync(self.address, api_key)
 
     def segment(self, image: ImageInput, budget_ms: float | None = None, quality: str | float | None = None,
                 model: str | None = None, task: str | None = None, point: str | None = None,
@@ -199,17 +207,17 @@ class AsyncClient(_Base):
 
     def __init__(self, address: str, *, transport: Transport | None = None, retry: RetryPolicy | None = None,
                  timeout_s: float | None = DEFAULT_TIMEOUT_S, trust_env: bool = True,
-                 max_connections: int = 100) -> None:
+                 max_connections: int = 100, api_key: str | None = None) -> None:
         super().__init__(address, transport, retry, timeout_s)
         if self.transport == "http":
             limits = httpx.Limits(max_connections=max_connections,
                                   max_keepalive_connections=min(max_connections, 256))
             self._http = httpx.AsyncClient(base_url=self.address, timeout=timeout_s, trust_env=trust_env,
-                                           limits=limits)
+                                           limits=limits, headers=_auth_headers(api_key))
         else:
             from segserve_client._grpc import GrpcAsync
 
-            self._grpc = GrpcAsync(self.address)
+            self._grpc = GrpcAsync(self.address, api_key)
 
     async def segment(self, image: ImageInput, budget_ms: float | None = None,
                       quality: str | float | None = None, model: str | None = None, task: str | None = None,

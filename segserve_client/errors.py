@@ -127,6 +127,7 @@ _BY_GRPC: dict[str, tuple[type[SegservError], int]] = {
     "UNAVAILABLE": (Unavailable, 503),
     "DEADLINE_EXCEEDED": (DeadlineExceeded, 504),
     "INTERNAL": (ServerError, 500),
+    "UNAUTHENTICATED": (BadRequest, 401),  # no or a wrong API key (code unauthorized)
 }
 # Codes the server sends with a gRPC status shared by several HTTP statuses.
 _GRPC_CODE_OVERRIDES: dict[str, tuple[type[SegservError], int]] = {

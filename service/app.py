@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.api import demo, oip
+from service.api import demo, guards, oip
 from service.api.routes import router
 from service.errors import ServiceError
 from service.pipeline import Pipeline
@@ -115,4 +115,5 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             rt.metrics.requests.labels(path, str(response.status_code), model).inc()
         return response
 
+    guards.install(app, settings)  # API keys, rate limit, CORS, ops port: outside the rest (refusals cost nothing)
     return app

@@ -13,6 +13,7 @@ import sys
 import uvicorn
 
 from service import logs
+from service.api import guards
 from service.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
@@ -67,6 +68,12 @@ def build_runtime(settings: Settings) -> Runtime | None:
 def serve(settings: Settings) -> int:
     """Run until a signal; the exit code (2 for a start-up error the user can fix)."""
     logs.configure(settings)
+    try:  # user errors in the access settings are found before the models load
+        guards.Guard.from_settings(settings)
+        sockets = guards.listen_sockets(settings)  # the API and ops ports with SEGSERVE_OPS_PORT, else None
+    except guards.GuardConfigError as exc:
+        print(f"segserve serve: error: {exc}", file=sys.stderr)
+        return 2
     runtime = build_runtime(settings)
     if runtime is None:
         return 2
@@ -86,7 +93,7 @@ def serve(settings: Settings) -> int:
             server.grpc_server = GrpcServer(runtime, app, settings)
             await server.grpc_server.start()
         try:
-            await server.serve()
+            await server.serve(sockets=sockets)
         finally:
             # Also when uvicorn ends without draining (it could not bind, or a second signal): stop gRPC
             # while the loop still runs. After a drain this is a no-op.

@@ -69,10 +69,12 @@ class Settings(BaseSettings):
 
     # --- planner and batching ---
     calibration_shape: Size = Field(
-        (512, 512), description="Network input (H, W) at which the planner measures each level at start-up."
+        (512, 512), description="Image size (HxW) the latency profile is measured for: each point's reference is a "
+        "calibration-sized image's network input at the point's scale.",
     )
     calibration_batch_sizes: Annotated[tuple[int, ...], NoDecode] = Field(
-        (1, 2, 4), description="Batch sizes measured per level (those above max_batch_size are skipped)."
+        (1, 2, 4), description="The smallest and largest of these (up to max_batch_size) are measured at the anchor "
+        "points; other batch sizes are interpolated.",
     )
     calibration_repeats: int = Field(2, ge=1, le=50, description="Timed runs per anchor and batch size; median kept.")
     profile_dir: str | None = Field(
@@ -160,7 +162,7 @@ class Settings(BaseSettings):
     )
 
     @field_validator("checkpoint", "redis_url", "grpc_port", "resize_scale", "threads_per_worker", "levels",
-                     "config", "quality_table", "dataset", "profile_dir", mode="before")
+                     "config", "quality_table", "dataset", "profile_dir", "ops_port", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # Compose and Kubernetes pass unset variables as "": treat that as "not set", not as a path.

@@ -81,7 +81,11 @@ class ServerProcess:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
                                         stdout=log, stderr=subprocess.STDOUT)
-        self.wait_ready(ready_timeout_s)
+        try:
+            self.wait_ready(ready_timeout_s)
+        except BaseException:
+            self.terminate()  # a server that never became ready must not outlive the test that started it
+            raise
         return self
 
     def wait_ready(self, timeout_s: float) -> None:

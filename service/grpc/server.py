@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.describe import describe
 from service.errors import DeadlineExpired, PayloadTooLarge, ServiceError
-from service.grpc import oip
+from service.grpc import guards, oip
 from service.grpc.gen import segserve_pb2, segserve_pb2_grpc
 from service.grpc.logging_interceptor import CallLogInterceptor
 from service.pipeline import Pipeline, SegmentRequest, SegmentResult
@@ -214,7 +214,8 @@ class GrpcServer:
         self._drain_task: asyncio.Task | None = None
         limit = TRANSPORT_LIMIT_FACTOR * settings.max_body_bytes + MESSAGE_OVERHEAD_BYTES
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)],
-                                      interceptors=[CallLogInterceptor(log_probes=settings.log_probes)])
+                                      interceptors=[CallLogInterceptor(log_probes=settings.log_probes),
+                                                    *guards.interceptors(settings, app)])  # keys, rate: refusals logged
         segserve_pb2_grpc.add_SegmentationServicer_to_server(
             SegmentationServicer(runtime, Pipeline(runtime)), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

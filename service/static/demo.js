@@ -27,8 +27,13 @@ function setState(name, message, isError) {
   $("message").classList.toggle("error", Boolean(isError));
 }
 
+function authHeaders() {
+  const key = $("api-key") ? $("api-key").value.trim() : "";
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
 async function loadModels() {
-  const response = await fetch("/v1/models");
+  const response = await fetch("/v1/models", { headers: authHeaders() });
   if (!response.ok) throw new Error(`GET /v1/models answered ${response.status}`);
   state.listing = await response.json();
   const select = $("target");
@@ -73,7 +78,7 @@ function buildRequest() {
 
 async function palette(model) {
   if (!state.palettes.has(model)) {
-    const response = await fetch(`/demo/palette/${encodeURIComponent(model)}`);
+    const response = await fetch(`/demo/palette/${encodeURIComponent(model)}`, { headers: authHeaders() });
     if (!response.ok) throw new Error(`no palette for ${model} (${response.status})`);
     state.palettes.set(model, await response.json());
   }
@@ -241,7 +246,8 @@ async function run() {
   setState("running", "Segmenting…");
   try {
     const response = await fetch(request.url, {
-      method: "POST", body: state.file, headers: { "Content-Type": state.file.type || "application/octet-stream" },
+      method: "POST", body: state.file,
+      headers: { "Content-Type": state.file.type || "application/octet-stream", ...authHeaders() },
     });
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));
@@ -310,6 +316,11 @@ function wire() {
   updateLabels();
 }
 
+function start() {
+  loadModels().then(() => setState("ready", "Choose or drop an image."),
+                    (error) => setState("error", `Cannot list the models: ${error.message}`, true));
+}
+
 wire();
-loadModels().then(() => setState("ready", "Choose or drop an image."),
-                  (error) => setState("error", `Cannot list the models: ${error.message}`, true));
+$("api-key").addEventListener("change", start); // a server with API keys lists its models once given one
+start();

@@ -83,6 +83,20 @@ def test_segserve_service(compose: dict) -> None:
     assert stop.endswith("s") and float(stop[:-1]) > grace, "compose must wait longer than the drain"
 
 
+def test_segserve_requires_api_keys_from_a_secret_file(compose: dict) -> None:
+    from service.api.guards import read_key_file
+
+    segserve = compose["services"]["segserve"]
+    env = segserve["environment"]
+    assert env["SEGSERVE_AUTH"] == "on", "the port is published: API keys are required"
+    assert env.get("SEGSERVE_API_KEYS") is None  # plain keys only from the shell, never written here
+    (secret,) = [s if isinstance(s, str) else s["source"] for s in segserve["secrets"]]
+    assert env["SEGSERVE_API_KEYS_FILE"] == f"/run/secrets/{secret}"  # where compose mounts a service secret
+    digests = Path(compose["secrets"][secret]["file"])
+    assert digests.is_file()
+    read_key_file(str(digests))  # digests only: a plain key there would stop the server at start
+
+
 def test_prometheus_scrapes_segserve_and_loads_the_alerts(compose: dict) -> None:
     prometheus = compose["services"]["prometheus"]
     mounts = _mounts(prometheus)

@@ -145,6 +145,7 @@ def test_runtime_conventions(stages: list[Stage]) -> None:
     assert set(" ".join(values["EXPOSE"]).split()) >= {"8080", "50051"}
     env = " ".join(values["ENV"]).split()
     assert {"SEGSERVE_HOST=0.0.0.0", "SEGSERVE_GRPC_PORT=50051"} <= set(env)
+    assert "SEGSERVE_AUTH=on" in env, "the image listens on every interface: API keys are required"
     assert values["CMD"][-1] == '["segserve", "serve"]'
     assert "/models" in values["VOLUME"][-1]
     healthcheck = [a for k, a in instructions if k == "HEALTHCHECK"][-1]

@@ -132,6 +132,27 @@ def test_probes_and_graceful_drain(overlay) -> None:
     assert pod["terminationGracePeriodSeconds"] > drain, "SIGKILL would cut the drain short"
 
 
+def test_api_keys_are_required_and_come_from_a_mounted_secret(overlay, tmp_path: Path) -> None:
+    import base64
+
+    from service.api.guards import read_key_file
+
+    docs = overlay[1]
+    env = settings_env(docs)
+    assert env["SEGSERVE_AUTH"] == "on", "pods listen on 0.0.0.0: API keys are required"
+    assert "SEGSERVE_API_KEYS" not in env, "keys (even digests) belong in the Secret, not the ConfigMap"
+    pod, container = server(docs)
+    key_file = Path(env["SEGSERVE_API_KEYS_FILE"])
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    (volume,) = [v for v in pod["volumes"] if "secret" in v and mounts[v["name"]]["mountPath"] == str(key_file.parent)]
+    assert mounts[volume["name"]].get("readOnly") is True
+    secret = one(docs, "Secret", volume["secret"]["secretName"])  # the generated, hash-named Secret
+    (tmp_path / key_file.name).write_bytes(base64.b64decode(secret["data"][key_file.name]))
+    read_key_file(str(tmp_path / key_file.name))  # digests only: a plain key there would stop the server at start
+    # Probes and the scrape stay open without a key (service/api/guards.py): they need no credentials here.
+    assert all("httpHeaders" not in container[p]["httpGet"] for p in ("livenessProbe", "readinessProbe"))
+
+
 def test_runs_non_root_on_a_read_only_root(overlay) -> None:
     pod, container = server(overlay[1])
     dockerfile_user = re.findall(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), flags=re.M)[-1]
