@@ -23,6 +23,7 @@ COPY constraints/ constraints/
 COPY models/ models/
 COPY service/ service/
 COPY loadtest/ loadtest/
+COPY segserve_client/ segserve_client/
 
 FROM build-source AS build-cpu
 # PyPI's Linux torch wheels carry CUDA libraries (gigabytes); the CPU index offers the same release
