@@ -15,6 +15,7 @@ from models.base import ModelMeta, SegmentationModel
 from models.checkpoint import MMSEG_CONV_SEG
 from models.isr import EDAFORMER_ISR, IsrConfig
 from models.layers import EmbeddingFreeAttention, MixFFN, OverlapPatchEmbed
+from models.layers.conv import ConvBnRelu
 from models.registry import register_model
 from models.spec import CheckpointRules, ModelSpec
 
@@ -81,17 +82,6 @@ class EftEncoder(nn.Module):
             features.append(x)
         return features
 
-
-class ConvBnRelu(nn.Module):
-    """mmcv ConvModule (conv without bias, BatchNorm, ReLU), with its parameter names."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
 
 
 class EdaFormerHead(nn.Module):

@@ -23,6 +23,7 @@ from models.base import ModelMeta, SegmentationModel
 from models.checkpoint import MMSEG_CONV_SEG
 from models.isr import IsrConfig, IsrKnob
 from models.layers import MixFFN, OverlapPatchEmbed
+from models.layers.conv import ConvBnRelu
 from models.registry import register_model
 from models.segformer_checkpoint import convert_segformer_state_dict
 from models.spec import CheckpointRules, ModelSpec
@@ -145,17 +146,6 @@ class TokenLinear(nn.Module):
         B, _, H, W = x.shape
         return self.proj(x.flatten(2).transpose(1, 2)).permute(0, 2, 1).reshape(B, -1, H, W)
 
-
-class ConvBnRelu(nn.Module):
-    """mmcv ConvModule(k=1, norm BN): conv without bias, BatchNorm (eps 1e-5), ReLU; its parameter names."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
 
 
 class SegFormerHead(nn.Module):

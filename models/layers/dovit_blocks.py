@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers.conv import ConvBnRelu
+
 
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None, fused: bool
@@ -110,17 +112,6 @@ class EncoderLayer(nn.Module):
         x = x + self.attn(self.ln1(x), key_bias)
         return x + self.ffn(self.ln2(x))
 
-
-class ConvBnRelu(nn.Module):
-    """mmcv ConvModule: 1x1 conv without bias, BatchNorm (eps 1e-5, eval statistics), ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
 
 
 class FcnAuxHead(nn.Module):
