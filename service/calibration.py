@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -97,14 +96,15 @@ def _batch_sizes(settings: Settings) -> set[int]:
     return {min(sizes), max(sizes)}
 
 
-def _time(worker: Worker, job: BatchJob, repeats: int) -> float:
+def _time(worker: Worker, job: BatchJob, repeats: int) -> tuple[float, float]:
+    """Median forward seconds and median pre/postprocessing seconds of a batch."""
     worker.run(job)  # warm-up: first calls pay allocation and kernel selection
-    times = []
+    forward, io = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        worker.run(job)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        output = worker.run(job)
+        forward.append(output.forward_s)
+        io.append(output.preprocess_s + output.postprocess_s)
+    return statistics.median(forward), statistics.median(io)
 
 
 def calibrate(served: ServedModel, profile: LatencyProfile, worker: Worker, settings: Settings) -> None:
@@ -129,15 +129,17 @@ def _calibrate_group(served: ServedModel, group: str, points: list[Point], profi
     log.info("calibrating %s: %d anchor points x batch sizes %s on %dx%d images (the other %d points are derived)",
              group, len(anchors), sizes, width, height, len(points) - len(anchors))
     measured: dict[str, dict[int, float]] = {}
+    io_rates = []
     # A bar where a person watches a terminal; none in a log file or in JSON logs (disable=None: not a tty).
     with tqdm(steps, desc=f"calibration {group}", unit="step", file=sys.stderr, mininterval=1.0, disable=None) as bar:
         for point, batch in bar:
             shape = profile.reference_shape(point)
             job = BatchJob(served.name, point.level, shape, images[:batch], [(height, width)] * batch, point.precision)
-            seconds = _time(worker, job, settings.calibration_repeats)
+            seconds, io_seconds = _time(worker, job, settings.calibration_repeats)
             measured.setdefault(point.name, {})[batch] = seconds
-            bar.set_postfix_str(f"{point.level.name}@{point.scale:g} b={batch} {seconds * 1e3:.0f} ms")
-    profile.seed(group, measured, points)
+            io_rates.append(io_seconds / (batch * height * width / 1e6))
+            bar.set_postfix_str(f"{point.level.name}@{point.scale:g} b={batch} {(seconds + io_seconds) * 1e3:.0f} ms")
+    profile.seed(group, measured, points, statistics.median(io_rates))
 
 
 def warm_up(served: ServedModel, profile: LatencyProfile, worker: Worker, settings: Settings) -> None:

@@ -87,11 +87,12 @@ def capped(candidates: Sequence[Point], quality: float | None) -> list[Point]:
 
 
 class Planner:
-    """Binds the profile's estimate and the per-point network shape to the pure planning rules."""
+    """Binds the profile's estimate (point, network shape, batch size, image size -> seconds) and the per-point
+    network shape to the pure planning rules."""
 
     def __init__(
         self,
-        estimate: Callable[[Point, Shape, int], float],
+        estimate: Callable[[Point, Shape, int, Shape], float],
         shape_of: Callable[[Point, Shape], Shape],
         fits: Callable[[Point, Shape], bool],
     ) -> None:
@@ -101,7 +102,7 @@ class Planner:
 
     def predict(self, point: Point, demand: Demand, load: Load) -> tuple[Shape, float]:
         shape = self._shape_of(point, demand.image_size)
-        compute = self._estimate(point, shape, demand.batch_size)
+        compute = self._estimate(point, shape, demand.batch_size, demand.image_size)
         return shape, load.queue_ahead_s + compute + load.overhead_s
 
     def plan(self, demand: Demand, load: Load) -> Plan:

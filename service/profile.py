@@ -1,7 +1,13 @@
 """Latency per operating point and batch size: seeded from a few measured anchors, refined by every batch.
 
-Each point has a reference shape (the network input of a calibration-sized image at the point's scale) and a
-row of seconds per batch size there. Rows start from calibration (`seed`): measured directly for anchor
+A batch's time has two parts that scale differently. The network's forward scales with the network input (the
+point's scale and knob): each point has a reference shape (the network input of a calibration-sized image at the
+point's scale) and a row of forward seconds per batch size there. Preprocessing (resizing the decoded image) and
+postprocessing (resizing the logits to the image's size, the argmax) scale with the image's own pixels, whatever
+the point: a per-model rate in seconds per megapixel. (Folding both into one number made small-scale points
+look 3-4x cheaper than they are on large images, and the planner overbooked them under load.)
+
+The forward rows Rows start from calibration (`seed`): measured directly for anchor
 points, derived for the rest from a per-model affine fit `t = a + c * GMACs` over the anchors (fixed cost plus
 cost per GMAC, one fit per batch size). Every executed batch refines its point's row by an exponentially
 weighted average, after normalizing its time to the reference shape by the same fit. An entry that has not
@@ -24,7 +30,7 @@ from service.points import Point
 
 log = logging.getLogger(__name__)
 Shape = tuple[int, int]
-PROFILE_VERSION = 2  # 2: fits and drift per precision group
+PROFILE_VERSION = 3  # 2: fits and drift per precision group; 3: pre/postprocessing rate apart
 
 
 def interpolate(row: Mapping[int, float], batch_size: int) -> float:
@@ -68,8 +74,11 @@ def group_of(point: Point) -> str:
 class LatencyProfile:
     """Seconds per batch by point and batch size at each point's reference shape, plus the shape scaling."""
 
-    def __init__(self, gmacs: Callable[[Point, Shape], float], smoothing: float = 0.2) -> None:
+    def __init__(self, gmacs: Callable[[Point, Shape], float], smoothing: float = 0.2,
+                 reference_image: Shape = (512, 512)) -> None:
         self._gmacs = gmacs
+        self.reference_pixels = reference_image[0] * reference_image[1]  # the calibration image's
+        self._io_rate: dict[str, float] = {}  # group -> seconds of pre- and postprocessing per image megapixel
         self._smoothing = smoothing
         self._reference: dict[str, Shape] = {}  # point name -> reference network shape
         self._model_of: dict[str, str] = {}  # point name -> its group: model and precision (one cost regime)
@@ -91,9 +100,10 @@ class LatencyProfile:
     def reference_shape(self, point: Point) -> Shape:
         return self._reference[point.name]
 
-    def seed(self, model: str, anchors: Mapping[str, Mapping[int, float]], points: list[Point]) -> None:
+    def seed(self, model: str, anchors: Mapping[str, Mapping[int, float]], points: list[Point],
+             io_rate: float = 0.0) -> None:
         """Seed every point of one group (`group_of`: a model at one precision) from measured anchors
-        {point name: {batch: seconds}}."""
+        {point name: {batch: forward seconds}} and the measured pre/postprocessing seconds per megapixel."""
         batches = sorted({b for row in anchors.values() for b in row})
         fits = {}
         for batch in batches:
@@ -108,6 +118,7 @@ class LatencyProfile:
                 self._seeded[point.name] = {b: measured.get(b, a + c * gmacs) for b, (a, c) in fits.items()}
                 self._observed[point.name] = {}
             self.drift[model] = 1.0
+            self._io_rate[model] = io_rate
 
     def seeded(self, point: Point) -> bool:
         return bool(self._seeded.get(point.name))
@@ -127,8 +138,17 @@ class LatencyProfile:
         here, there = self._gmacs(point, shape), self._gmacs(point, reference)
         return (a + c * here) / max(a + c * there, 1e-12)
 
+    def io_seconds(self, point: Point, pixels: int) -> float:
+        """Pre- and postprocessing of images totalling `pixels` (their own sizes) at this point's model."""
+        return self._io_rate.get(group_of(point), 0.0) * pixels / 1e6
+
+    def batch_seconds(self, point: Point, shape: Shape, batch_size: int, image_size: Shape) -> float:
+        """A whole batch: the forward at `shape` plus pre/postprocessing of `batch_size` images of `image_size`."""
+        return self.estimate(point, shape, batch_size) + self.io_seconds(point, batch_size * image_size[0]
+                                                                          * image_size[1])
+
     def estimate(self, point: Point, shape: Shape, batch_size: int = 1) -> float:
-        """Seconds to run a batch of `batch_size` at `shape` (network input) at this point."""
+        """Forward seconds of a batch of `batch_size` at `shape` (network input) at this point."""
         with self._lock:
             row = self._row(point.name)
             if not row:
@@ -136,11 +156,18 @@ class LatencyProfile:
             seconds = interpolate(row, batch_size)
         return seconds * self._shape_factor(point, shape)
 
-    def observe(self, point: Point, shape: Shape, batch_size: int, seconds: float) -> None:
-        """Fold an executed batch's time (normalized to the reference shape) into its entry and the drift."""
+    def observe(self, point: Point, shape: Shape, batch_size: int, seconds: float, io_seconds: float = 0.0,
+                pixels: int = 0) -> None:
+        """Fold an executed batch's forward time (normalized to the reference shape) into its entry and the
+        drift, and its pre/postprocessing time over `pixels` image pixels into the model's rate."""
         normalized = seconds / self._shape_factor(point, shape)
         alpha = self._smoothing
         with self._lock:
+            if pixels > 0:
+                group = group_of(point)
+                rate = io_seconds / (pixels / 1e6)
+                previous_rate = self._io_rate.get(group)
+                self._io_rate[group] = rate if not previous_rate else (1 - alpha) * previous_rate + alpha * rate
             seeded = self._seeded[point.name]
             if seeded:
                 ratio = normalized / interpolate(seeded, batch_size)
@@ -151,10 +178,15 @@ class LatencyProfile:
             observed[batch_size] = normalized if previous is None else (1 - alpha) * previous + alpha * normalized
 
     def table(self, model: str | None = None) -> dict[str, dict[int, float]]:
-        """{point name: {batch: seconds}} at each point's reference shape (optionally one model's)."""
+        """{point name: {batch: seconds}} for calibration-sized images (forward at each point's reference shape
+        plus pre/postprocessing), optionally one model's."""
         with self._lock:
-            return {name: dict(sorted(self._row(name).items())) for name in self._seeded
-                    if self._seeded[name] and (model is None or name.split("/", 1)[0] == model)}
+            return {
+                name: {b: s + self._io_rate.get(self._model_of[name], 0.0) * b * self.reference_pixels / 1e6
+                       for b, s in sorted(self._row(name).items())}
+                for name in self._seeded
+                if self._seeded[name] and (model is None or name.split("/", 1)[0] == model)
+            }
 
     # ----- persistence -----
     def _groups(self, model: str) -> list[str]:
@@ -168,6 +200,7 @@ class LatencyProfile:
             data = {
                 "version": PROFILE_VERSION, "key": dict(key),
                 "drift": {g: self.drift.get(g, 1.0) for g in groups},
+                "io_rate": {g: self._io_rate.get(g, 0.0) for g in groups},
                 "fits": {g: {str(b): list(ab) for b, ab in self._fits.get(g, {}).items()} for g in groups},
                 "seeded": {n: {str(b): s for b, s in self._seeded[n].items()} for n in names},
                 "observed": {n: {str(b): s for b, s in self._observed[n].items()} for n in names},
@@ -191,6 +224,7 @@ class LatencyProfile:
             seeded = {n: {int(b): float(s) for b, s in row.items()} for n, row in data["seeded"].items()}
             observed = {n: {int(b): float(s) for b, s in row.items()} for n, row in data["observed"].items()}
             drift = {g: float(value) for g, value in data["drift"].items()}
+            io_rate = {g: float(value) for g, value in data["io_rate"].items()}
         except (KeyError, TypeError, ValueError, IndexError, AttributeError):
             log.warning("ignoring the malformed latency profile %s", path)
             return False
@@ -202,4 +236,5 @@ class LatencyProfile:
                 self._seeded[point.name] = seeded[point.name]
                 self._observed[point.name] = observed.get(point.name, {})
             self.drift.update(drift)
+            self._io_rate.update(io_rate)
         return True

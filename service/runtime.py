@@ -80,15 +80,15 @@ class Runtime:
         self.default_task = self.models[self.default_model].task
         cache_dir = Path(settings.profile_dir).expanduser() if settings.profile_dir else None
         self.gmac_table = GmacTable(loader.gmacs, cache_dir.parent / "gmacs.json" if cache_dir else None)
-        self.profile = LatencyProfile(self.gmacs)
+        self.profile = LatencyProfile(self.gmacs, reference_image=tuple(settings.calibration_shape))
         self.pools = self._build_pools()
-        self.planner = Planner(self.profile.estimate, self.shape_of, self.fits)
+        self.planner = Planner(self.profile.batch_seconds, self.shape_of, self.fits)
         self.overhead_pre = Ewma()  # header read + decode per request
         self.overhead_post = Ewma()  # encode per request
         factories = {name: backends(m) if backends else m.make_backend for name, m in self.models.items()}
         self.workers = WorkerPool(factories, settings.workers)
         self.scheduler = Scheduler(
-            self.workers, self.planner, self.ladder, self.profile.estimate, self.profile.observe, self.metrics,
+            self.workers, self.planner, self.ladder, self.profile.batch_seconds, self.profile.observe, self.metrics,
             max_batch_size=settings.max_batch_size, max_queue_delay_s=settings.max_queue_delay_ms / 1e3,
             max_queue_size=settings.max_queue_size, safety_margin=settings.safety_margin,
             post_overhead_s=lambda: self.overhead_post.value,
@@ -141,7 +141,8 @@ class Runtime:
         served.points = kept
 
     def _reference_latency(self, point: Point) -> float:
-        return self.profile.estimate(point, self.profile.reference_shape(point), 1)
+        image = tuple(self.settings.calibration_shape)
+        return self.profile.batch_seconds(point, self.profile.reference_shape(point), 1, image)
 
     def _publish_info(self) -> None:
         torch_version, ort_version = self.versions

@@ -84,8 +84,8 @@ class Scheduler:
         pool: WorkerPool,
         planner: Planner,
         ladder: Callable[[str, str | None], list[Point]],
-        estimate: Callable[[Point, Shape, int], float],
-        observe: Callable[[Point, Shape, int, float], None],
+        estimate: Callable[[Point, Shape, int, Shape], float],
+        observe: Callable[[Point, Shape, int, float, float, int], None],
         metrics: Metrics,
         *,
         max_batch_size: int,
@@ -128,7 +128,7 @@ class Scheduler:
                 plan = queue[0].admitted
                 batches = math.ceil(len(queue) / self.max_batch_size)
                 per_batch = min(len(queue), self.max_batch_size)
-                remaining += batches * self._estimate(plan.point, plan.shape, per_batch)
+                remaining += batches * self._estimate(plan.point, plan.shape, per_batch, queue[0].original_size)
         return remaining / max(1, self.pool.alive_count)
 
     def submit(self, item: WorkItem) -> None:
@@ -180,7 +180,7 @@ class Scheduler:
     def _cheapest_estimate(self, key: QueueKey, queue: deque[WorkItem]) -> float:
         """Compute of the next batch at the queue's admission point: when to close it before its deadline."""
         plan = queue[0].admitted
-        return self._estimate(plan.point, plan.shape, min(len(queue), self.max_batch_size))
+        return self._estimate(plan.point, plan.shape, min(len(queue), self.max_batch_size), key[4])
 
     def _ready_at(self, key: QueueKey, queue: deque[WorkItem]) -> float:
         """When this queue's next batch should close."""
@@ -271,7 +271,7 @@ class Scheduler:
         self._publish_depth()
         worker = self.pool.acquire()
         batch_id = next(_sequence)
-        self._running_until[batch_id] = now + self._estimate(plan.point, plan.shape, len(batch))
+        self._running_until[batch_id] = now + self._estimate(plan.point, plan.shape, len(batch), key[4])
         task = asyncio.create_task(self._execute(worker, batch, batch_id, plan))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -291,7 +291,9 @@ class Scheduler:
                     item.future.set_exception(InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}"))
         else:
             compute_s = output.compute_s
-            self._observe(point, plan.shape, len(batch), compute_s)
+            pixels = sum(height * width for height, width in job.original_sizes)
+            self._observe(point, plan.shape, len(batch), output.forward_s, output.preprocess_s + output.postprocess_s,
+                          pixels)
             self.metrics.batch_size.labels(point.model, point.name).observe(len(batch))
             for stage, seconds in (("preprocess", output.preprocess_s), ("forward", output.forward_s),
                                    ("postprocess", output.postprocess_s)):

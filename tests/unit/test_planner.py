@@ -31,7 +31,7 @@ POINTS = [Point("m", level, 1.0, quality=50.0 - level.rank) for level in LADDER]
 
 
 def table_planner(ms: dict[str, float], fits=lambda point, shape: True) -> Planner:
-    return Planner(lambda point, shape, batch: ms[point.name] * batch / 1e3, lambda point, size: size, fits)
+    return Planner(lambda point, shape, batch, image: ms[point.name] * batch / 1e3, lambda point, size: size, fits)
 
 
 PLANNER = table_planner({p.name: ms for p, ms in zip(POINTS, MS, strict=True)})

@@ -68,6 +68,23 @@ def test_batches_refine_their_entry_and_the_model_drift() -> None:
     assert profile.estimate(MIDDLE, REFERENCE[MIDDLE.name], 1) == pytest.approx(2 * before_middle, rel=0.01)
 
 
+def test_pre_and_postprocessing_scale_with_the_image_not_the_point() -> None:
+    profile = LatencyProfile(gmacs, reference_image=(100, 100))
+    for point in POINTS:
+        profile.register(point, REFERENCE[point.name])
+    anchors = {p.name: {1: 0.010, 4: 0.040} for p in (FULL, CHEAP, SMALL)}
+    profile.seed("m", anchors, POINTS, io_rate=2.0)  # 2 s per megapixel of image
+    big = (1000, 1000)  # a 1-megapixel image: 2 s of resizing and argmax at any point
+    forward_small = profile.estimate(SMALL, REFERENCE[SMALL.name], 1)
+    assert profile.batch_seconds(SMALL, REFERENCE[SMALL.name], 1, big) == pytest.approx(forward_small + 2.0)
+    assert profile.batch_seconds(SMALL, REFERENCE[SMALL.name], 3, big) == pytest.approx(
+        profile.estimate(SMALL, REFERENCE[SMALL.name], 3) + 6.0)
+    assert profile.table()[FULL.name][1] == pytest.approx(0.010 + 2.0 * 0.01)  # for a calibration-sized image
+    for _ in range(40):  # the machine turns out to resize twice as fast
+        profile.observe(FULL, REFERENCE[FULL.name], 1, 0.010, io_seconds=1.0, pixels=1_000_000)
+    assert profile.io_seconds(FULL, 1_000_000) == pytest.approx(1.0, rel=0.01)
+
+
 def test_an_uncalibrated_point_raises() -> None:
     profile = LatencyProfile(gmacs)
     profile.register(FULL, (100, 100))

@@ -81,10 +81,11 @@ class TableProfile:
         self.per_image = {name: ms / 1e3 for name, ms in per_image_ms.items()}
         self.observed: list[tuple[str, int, float]] = []
 
-    def estimate(self, point: Point, shape: tuple[int, int], batch: int = 1) -> float:
+    def estimate(self, point: Point, shape: tuple[int, int], batch: int = 1, image: tuple[int, int] = SIZE) -> float:
         return self.per_image[point.name] * batch
 
-    def observe(self, point: Point, shape: tuple[int, int], batch: int, seconds: float) -> None:
+    def observe(self, point: Point, shape: tuple[int, int], batch: int, seconds: float, io_seconds: float = 0.0,
+                pixels: int = 0) -> None:
         self.observed.append((point.name, batch, seconds))
 
 
