@@ -108,9 +108,23 @@ def test_larger_budgets_never_choose_a_worse_point(live_server) -> None:
     # inputs) may trade places between requests; input scales (2-4x apart in cost) may not.
     scales = [float(name.rsplit("@", 1)[1]) for name in delivered]
     assert all(a <= b for a, b in itertools.pairwise(scales)), f"(budget ms, point): {pairs}"
-    assert scales[0] == 0.5  # 1 ms: nothing fits, a point at the smallest scale runs
+    assert_fastest(live_server, delivered[0])  # 1 ms: nothing fits, the point predicted fastest runs
     assert delivered[-1] == names[0]  # ten minutes: the best point
     assert quality[delivered[0]] < quality[delivered[-1]]
+
+
+def assert_fastest(server: ServerProcess, point: str, tolerance: float = 1.25) -> None:
+    """`point` is on the ladder and, by the server's own profile, within `tolerance` of its fastest point.
+
+    Which scale is fastest on these tiny inputs is the profile's call, not a fixed fact: per-layer overheads
+    dominate at 64x80, and on a busy machine calibration may even find a 0.5-scale point no faster than one at
+    full scale (then it is off the ladder). The listing is at the calibration size, a few pixels from the
+    test images, hence the tolerance for near-ties that the profile may have reordered since.
+    """
+    listing = httpx.get(f"{server.base_url}/v1/models").json()
+    latency = {p["name"]: p["latency_ms"]["1"] for m in listing["models"] for p in m["points"] if p["on_ladder"]}
+    assert point in latency, f"{point} is not on the ladder {sorted(latency)}"
+    assert latency[point] <= tolerance * min(latency.values()), f"{point} vs the ladder's latencies {latency}"
 
 
 def test_a_tight_budget_is_reported_missed_and_a_loose_one_met(live_server) -> None:
@@ -144,7 +158,7 @@ def test_quality_caps_the_point_by_quality_value(live_server, quality, budget_ms
     assert response.status_code == 200, response.text
     if expected == "fastest":  # neighbouring levels at the smallest scale may trade places as the profile learns
         assert response.headers["X-Segserve-Plan"] == "fallback"
-        assert response.headers["X-Segserve-Scale"] == "0.5"
+        assert_fastest(live_server, response.headers["X-Segserve-Point"])
     else:
         assert response.headers["X-Segserve-Point"] == names[expected]
 
