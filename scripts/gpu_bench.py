@@ -71,11 +71,17 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--quick", action="store_true", help="one tiny case per model (a check of the script)")
     parser.add_argument("--case-budget-s", type=float, default=4.0)
+    parser.add_argument("--render", default=None, help="measure nothing: print the table of this JSON-lines log "
+                        "(the rows the script prints, one per line)")
     args = parser.parse_args()
+    if args.render:
+        lines = Path(args.render).read_text().splitlines()
+        print(render([json.loads(line) for line in lines if line.startswith("{")]), end="")
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = args.device
-    sizes = {"64x96": (64, 96)} if args.quick else SIZES
+    sizes = {"256x256": (256, 256)} if args.quick else SIZES
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
     precisions = ["fp32"] if args.quick and device == "cpu" else list(PRECISIONS)
     rows, started = [], time.time()
@@ -116,15 +122,29 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "elapsed_s": round(time.time() - started, 1), "rows": rows}
     (out / "gpu_bench.json").write_text(json.dumps(report, indent=1))
-    lines = ["| model | level | size | batch | precision | ms / batch | images / s | pixel agreement |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['level']} | {r['size']} | {r['batch']} | {r['precision']} | "
-                     f"{r.get('ms_per_batch', r.get('note', ''))} | {r.get('images_per_s', '')} | "
-                     f"{r.get('pixel_agreement', '')} |")
-    (out / "gpu_bench.md").write_text("\n".join(lines) + "\n")
+    (out / "gpu_bench.md").write_text(render(rows))
     print(f"wrote {out}/gpu_bench.json and .md in {report['elapsed_s']} s")
     return 0
+
+
+def render(rows: list[dict]) -> str:
+    """One line per model, level, size and batch: ms per batch (images/s) per precision, and the bf16/fp16
+    masks' pixel agreement with fp32 (measured at batch 1)."""
+    names = list(PRECISIONS)
+    lines = ["| model | level | size | batch | " + " | ".join(f"{p} ms (img/s)" for p in names)
+             + " | agreement bf16 / fp16 |", "|---|---|---|---:|" + "---:|" * len(names) + "---|"]
+    cases: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        cases.setdefault((row["model"], row["level"], row["size"], row["batch"]), {})[row["precision"]] = row
+    agreement_of = {(m, lv, size): cell for (m, lv, size, b), cell in cases.items() if b == 1}
+    for (model, level, size, batch), cell in cases.items():
+        timings = [f"{cell[p]['ms_per_batch']:.1f} ({cell[p]['images_per_s']:.0f})" if "ms_per_batch" in
+                   cell.get(p, {}) else cell.get(p, {}).get("note", "–") for p in names]
+        ones = agreement_of.get((model, level, size), {})
+        agree = " / ".join(f"{ones[p]['pixel_agreement']:.4f}" if "pixel_agreement" in ones.get(p, {}) else "–"
+                           for p in ("bf16", "fp16")) if batch == 1 else ""
+        lines.append(f"| {model} | {level} | {size} | {batch} | " + " | ".join(timings) + f" | {agree} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
