@@ -1,54 +1,88 @@
-"""Benchmark: eager torch vs ONNX Runtime per ISR level, against the machine's fp32 matmul ceiling.
+"""Benchmark of every registered model per knob level: eager torch, ONNX Runtime fp32 and int8, against the
+machine's fp32 matmul ceiling, with GMACs and the published mIoU.
 
-    python -m models.bench                       # EDAFormer-T, every level, 512x512 and 1024x2048, batch 1 and 4
-    python -m models.bench --quick --json out.json
-    python -m models.bench --markdown docs/benchmarks.md   # rewrites the generated block of that section
+    python -m models.bench --model segformer-b0            # one model, every level (512x512; 1024x2048 too for
+                                                           # the smallest variant of its family), batch 1
+    python -m models.bench --all --json zoo.json --markdown docs/benchmarks.md --plot docs/img/zoo_pareto.png
+    python -m models.bench --model edaformer-t --sizes 512x512,1024x2048 --batches 1,4 --backends eager,onnxruntime \\
+        --detail-markdown docs/benchmarks.md               # the per-level ISR analysis block of one model
+    python -m models.bench --list                          # models, knob ladders, published mIoU
 
-Units: GMAC = 1e9 multiply-accumulates = 2 GFLOP. "% of ceiling" = 2 * achieved GMAC/s / matmul GFLOP/s,
-where the ceiling is the median GFLOP/s of `torch.mm` on large square fp32 matrices, sampled at the
-start and before every level's cases of the same run, with the same threads (on a shared machine the
-contention then weighs on ceiling and cases alike). GMACs per image come from `models.flops.count_gmacs`.
+Units: GMAC = 1e9 multiply-accumulates = 2 GFLOP (`models.flops.count_gmacs`; DoViT's is the dense count, the
+upper bound at any threshold). "% of ceiling" = 2 * achieved GMAC/s / matmul GFLOP/s, where the ceiling is the
+median GFLOP/s of fp32 `torch.mm` on 2048x2048 matrices, with the same threads, timed among the case's own
+calls (so a busy moment lowers both; on a shared machine the run's ceiling varied 3-7x). int8 rates use the same
+MAC count and the same fp32 ceiling.
 
-Timing: one warm-up call, then up to `--repeats` timed calls (fewer when a call is slow: a case spends
-about `--case-budget` s); a first call of `--long-call` s or more is the only sample (first-call
-overheads are then far below the noise). Medians throughout.
+Timing: the backends of one case run interleaved (one warm-up each, then up to 5 rounds of a block of calls
+per backend, the matmul of the ceiling among them), so that a shared machine's contention weighs on all of them
+alike and their ratios stay meaningful (int8 speed-ups are paired by round, `bench_timing.paired_ratio`); up to
+`--repeats` timed calls within `--case-budget` s per backend; a first call of `--long-call` s or more is the
+only sample. Medians throughout. OpenMP threads wait passively (`OMP_WAIT_POLICY=PASSIVE`, set by
+`segserve` and by `python -m models.bench`): spinning ones make eager torch erratic on a shared machine.
+Inputs are photo-like images normalized as the model's pipeline does (DoViT's token exits depend on the data).
+Without a checkpoint the weights are random (seeded) with BatchNorm statistics from photo-like images
+(`models.quantize.calibrate_batchnorm_`), so that int8 agreement is measured on structured masks; the timings
+do not depend on the weights' values (DoViT's exits aside: random aux heads stop no token).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import onnxruntime as ort
 import torch
 from tqdm.auto import tqdm
 
+from models.bench_report import zoo_order
+from models.bench_timing import (
+    Forward,
+    attention_bytes,
+    available_memory,
+    eager_forward,
+    eager_variant,
+    load_average,
+    machine_info,
+    matmul_call,
+    matmul_rates,
+    time_interleaved,
+)
 from models.flops import count_gmacs
-from models.isr import IsrConfig
-from models.onnx_cache import DEFAULT_CACHE_DIR
+from models.onnx_cache import DEFAULT_CACHE_DIR, cached_graphs
 from models.onnx_runner import OnnxRunner
-from models.registry import create_model
+from models.predict import preprocess
+from models.quantize import (
+    calibrate_batchnorm_,
+    default_recipe,
+    int8_graphs,
+    mask_agreement,
+    model_pipeline,
+    network_inputs,
+    photo_like_images,
+)
+from models.registry import create_model, get_spec, list_models
 from models.spec import Level
 
 log = logging.getLogger(__name__)
 DEFAULT_ONNX_DIR = DEFAULT_CACHE_DIR  # the server's SEGSERVE_ONNX_CACHE_DIR default too: one cache for both
+GMAC_SIZES = ((512, 512), (1024, 2048))  # GMACs reported per level (counted, never timed unless asked)
+CEILING = "ceiling"  # the matmul call timed among each case's backends
+BACKENDS = ("eager", "onnxruntime", "int8", "compiled")
 
 
 @dataclass
 class CaseResult:
-    backend: str  # "eager" (the faster eager variant), "onnxruntime", "compiled"
-    level: str  # the ladder's name of the ISR setting, e.g. 2211-222 for 2211/222
+    backend: str  # "eager" (the faster eager variant), "onnxruntime" (fp32), "int8" (ORT int8), "compiled"
+    level: str  # the ladder's name of the knob setting, e.g. 2211-222
     rank: int
     batch: int
     height: int
@@ -58,333 +92,303 @@ class CaseResult:
     gmac_per_s: float | None = None
     pct_of_ceiling: float | None = None
     samples_s: list[float] = field(default_factory=list)
+    rounds: int = 1  # samples_s holds `rounds` equal blocks, one per round of interleaved timing
+    ceiling_gflops: float | None = None  # fp32 torch.mm GFLOP/s timed among this case's calls (the local ceiling)
     note: str = ""
 
 
-def _proc_field(path: str, key: str) -> str | None:  # `key: value` lines of /proc files; None off Linux
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return None
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), None)
+def photo_input(model: torch.nn.Module, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """(batch, 3, height, width) photo-like images normalized as the model's pipeline does."""
+    pipeline = model_pipeline(model)
+    images = photo_like_images(batch, height, width, seed)
+    return torch.cat([preprocess(image, (height, width), pipeline.mean, pipeline.std) for image in images])
 
 
-def machine_info(threads: int) -> dict[str, object]:
-    return {
-        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor(), "logical_cores": os.cpu_count(),
-        "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
-        "onnxruntime": ort.__version__, "platform": platform.platform(),
-    }
+def smallest_of_families(names: Sequence[str]) -> set[str]:
+    """The cheapest variant (GMACs at 512x512) of each family among `names`."""
+    best: dict[str, tuple[float, str]] = {}
+    for name in names:
+        spec = get_spec(name)
+        cost = spec.reference_gmacs_512 if spec.reference_gmacs_512 is not None else float("inf")
+        if spec.family not in best or (cost, name) < best[spec.family]:
+            best[spec.family] = (cost, name)
+    return {name for _, name in best.values()}
 
 
-def matmul_rates(n: int = 2048, repeats: int = 7) -> list[float]:
-    """fp32 GFLOP/s of torch.mm(n x n, n x n) calls: 2 n^3 FLOP per call."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up: thread pool and MKL/oneDNN dispatch
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
-    return rates
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(side) for side in size.lower().split("x")) for size in text.split(",") if size]  # type: ignore[misc]
 
 
-def time_calls(fn: Callable[[], object], repeats: int, budget_s: float, long_s: float,
-               warmups: int = 1) -> tuple[list[float], str]:
-    """Wall times of `fn` (s): warm-up, then as many timed calls as fit the budget (>= 1)."""
-    for _ in range(warmups):  # a compiled forward's first call compiles: it warms nothing up
-        start = time.perf_counter()
-        fn()
-    first = time.perf_counter() - start
-    if first >= long_s:
-        return [first], "first call only"
-    samples = []
-    for _ in range(max(1, min(repeats, int(budget_s / max(first, 1e-6))))):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return samples, ""
-
-
-def attention_bytes(level: Level, batch: int, height: int, width: int) -> int:
-    """Largest attention matrix (B x heads x N x N' fp32) of an EDAFormer forward pass; the unfused paths hold
-    two or three of them at once, which is what can exhaust memory at 1024x2048, batch 4."""
-    if level.knob != "isr" or not isinstance(level.value, IsrConfig):
-        return 0
-    isr = level.value
-    grids = [(-(-height // s), -(-width // s)) for s in (4, 8, 16, 32)]  # ceil(side / stride)
-    encoder = zip(grids, isr.encoder_pools, (1, 2, 4, 8), strict=True)
-    decoder = zip(grids[1:], isr.decoder_pools, (2, 4, 8), strict=True)  # c2, c3, c4 branches
-    return max(batch * heads * h * w * (h // pool) * (w // pool) * 4 for (h, w), pool, heads in (*encoder, *decoder))
-
-
-def available_memory() -> int | None:
-    value = _proc_field("/proc/meminfo", "MemAvailable")  # "12345 kB"
-    return int(value.split()[0]) * 1024 if value else None
-
-
-def onnx_graphs(model: torch.nn.Module, levels: Sequence[Level], onnx_dir: Path) -> dict[str, Path]:
-    """One graph per level from the shared ONNX cache (exported and parity-checked where missing)."""
-    from models.onnx_cache import cached_graphs
-
-    paths = cached_graphs(model, levels, onnx_dir)
-    return {level.name: paths[0 if len(paths) == 1 else index] for index, level in enumerate(levels)}
-
-
-Forward = Callable[..., torch.Tensor]  # forward(images, **knob) -> logits
-
-
-def eager_forward(model: torch.nn.Module, variant: str) -> Forward:
-    """The eager model as a `(images, **knob) -> logits` call in the given memory-format variant."""
-    if variant == "plain":
-        return model
-    # Token grids reshaped to (B, C, H, W) are channels-last views already; channels-last weights
-    # spare oneDNN a reorder around every depthwise and 1x1 conv.
-    net = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    return lambda images, **knob: net(images.contiguous(memory_format=torch.channels_last), **knob)
-
-
-def eager_variant(model: torch.nn.Module, size: tuple[int, int], budget: tuple[int, float, float]) -> dict[str, float]:
-    """ms of plain NCHW vs channels_last at batch 1, full compute; the benchmark keeps the faster."""
-    images, timings = torch.randn(1, 3, *size), {}
-    for variant in ("plain", "channels_last"):
-        forward = eager_forward(model, variant)
-        with torch.inference_mode():
-            samples, _ = time_calls(lambda forward=forward: forward(images), *budget)
-        timings[variant] = statistics.median(samples) * 1000
-    return timings
-
-
-def run_bench(args: argparse.Namespace) -> dict[str, object]:
-    threads = args.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+def bench_model(name: str, args: argparse.Namespace, threads: int, rates: list[float], extra_sizes: bool
+                ) -> dict[str, object]:
+    """One model's cases, level information (GMACs, published mIoU, int8 agreement) and settings."""
     torch.manual_seed(args.seed)
-    model = create_model(args.model, num_classes=args.num_classes, checkpoint=args.checkpoint).eval()
-    ladder = model.spec.ladder()
-    levels = list(ladder) if args.levels == "all" else [model.spec.level(n) for n in args.levels.split(",")]
-    sizes = [tuple(int(side) for side in size.lower().split("x")) for size in args.sizes.split(",")]  # HxW
+    model = create_model(name, num_classes=args.num_classes, checkpoint=args.checkpoint).eval()
+    spec = model.spec
+    if not args.checkpoint:
+        calibrate_batchnorm_(model, torch.cat(network_inputs(model, photo_like_images(2, 512, 512, args.seed))))
+    ladder = list(spec.ladder())
+    if args.levels == "all":
+        levels = ladder
+    elif args.levels == "ends":  # the training setting and the cheapest level: the span of the model's knob
+        levels = list(dict.fromkeys([ladder[0], ladder[-1]]))
+    else:
+        levels = [spec.level(n) for n in args.levels.split(",")]
+    sizes = _sizes(args.sizes) + (_sizes(args.smallest_sizes) if extra_sizes else [])
     batches = [int(b) for b in args.batches.split(",")]
+    backends = [b for b in args.backends.split(",") if b]
     budget = (args.repeats, args.case_budget, args.long_call)
     report: dict[str, object] = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "model": args.model,
-        "num_classes": model.num_classes, "machine": machine_info(threads),
-        "units": "GMAC = 1e9 multiply-accumulates = 2 GFLOP; pct_of_ceiling = 2 * GMAC/s / matmul GFLOP/s",
+        "model": name, "family": spec.family, "num_classes": model.num_classes,
+        "weights": args.checkpoint or "random (seeded; BatchNorm statistics from photo-like images)",
+        "dense_gmacs": callable(getattr(model, "count_gmacs", None)),
     }
-    rates = matmul_rates(args.matmul_n)
-    smallest = min(sizes, key=lambda s: s[0] * s[1])
-    report["eager_variants_ms_batch1_full"] = tried = eager_variant(model, smallest, budget)
-    report["eager_variant"] = variant = min(tried, key=tried.__getitem__)
-    backends = args.backends.split(",")
-    forwards: dict[str, Forward] = {"eager": eager_forward(model, variant)} if "eager" in backends else {}
+    info = []
+    for level in levels:
+        gmacs = {f"{h}x{w}": round(count_gmacs(model, h, w, **level.kwargs), 3) for h, w in GMAC_SIZES}
+        info.append({"level": level.name, "rank": level.rank, "gmacs": gmacs,
+                     "published_miou": spec.published_miou.get("ade20k") if level.rank == 0 else None})
+    report["levels"] = info
+    first_size = sizes[0]
+    if "eager" in backends or "compiled" in backends:
+        report["eager_variants_ms_batch1_full"] = tried = eager_variant(
+            model, photo_input(model, 1, *first_size, args.seed), budget)
+        report["eager_variant"] = min(tried, key=tried.__getitem__)
+    forwards: dict[str, Forward] = {}
+    if "eager" in backends:
+        forwards["eager"] = eager_forward(model, str(report["eager_variant"]))
     if "compiled" in backends:
-        torch._dynamo.config.cache_size_limit = 64  # one graph per (ISR, shape); the default 8 is too few
-        forwards["compiled"] = torch.compile(eager_forward(model, variant), dynamic=False)
-    graphs = onnx_graphs(model, levels, Path(args.onnx_dir)) if "onnxruntime" in backends else {}
+        torch._dynamo.config.cache_size_limit = 64  # one graph per (knob, shape); the default 8 is too few
+        forwards["compiled"] = torch.compile(eager_forward(model, str(report["eager_variant"])), dynamic=False)
+    onnx_dir = Path(args.onnx_dir)
+    fp32_paths = cached_graphs(model, levels, onnx_dir) if {"onnxruntime", "int8"} & set(backends) else []
+    int8_paths: list[Path] = []
+    if "int8" in backends:
+        report["int8_recipe"] = asdict(default_recipe(spec))
+        try:
+            int8_paths = int8_graphs(model, levels, onnx_dir)
+        except Exception as exc:  # quantization is optional: the fp32 cases still say something
+            log.exception("int8 quantization of %s failed; timing it without int8", name)
+            report["int8_error"] = f"{type(exc).__name__}: {exc}"
+            backends.remove("int8")
+
+    def graph(paths: list[Path], index: int) -> Path:
+        return paths[0 if len(paths) == 1 else index]
+
     results: list[CaseResult] = []
-    with tqdm(total=len(sizes) * len(levels) * len(batches) * len(backends), desc="bench", unit="case") as bar:
+    with tqdm(total=len(sizes) * len(levels) * len(batches), desc=f"bench {name}", unit="case") as bar:
         for height, width in sizes:
-            for level in levels:
+            for index, level in enumerate(levels):
                 gmacs = count_gmacs(model, height, width, **level.kwargs)
-                rates += matmul_rates(args.matmul_n, repeats=3)
-                # A session per level, dropped after it: its memory arena keeps the peak of the largest
-                # batch, and six such arenas at 1024x2048 would not fit in memory.
-                if graphs:
-                    forwards["onnxruntime"] = OnnxRunner(graphs[level.name], intra_op_threads=threads)
+                report.setdefault("load_average", []).append(load_average())  # type: ignore[union-attr]
+                # Sessions per level, dropped after it: an arena keeps the peak of the largest batch.
+                runners = {}
+                if "onnxruntime" in backends:
+                    runners["onnxruntime"] = OnnxRunner(graph(fp32_paths, index), intra_op_threads=threads)
+                if "int8" in backends:
+                    runners["int8"] = OnnxRunner(graph(int8_paths, index), intra_op_threads=threads)
                 for batch in batches:
-                    images = torch.randn(batch, 3, height, width)
-                    for backend, forward in forwards.items():
-                        bar.set_postfix_str(f"{backend} {level.name} {batch}x{height}x{width}")
-                        case = CaseResult(backend, level.name, level.rank, batch, height, width, gmacs)
-                        _run_case(case, forward, images, level, budget)
-                        results.append(case)
-                        bar.update()
-                forwards.pop("onnxruntime", None)
-    ceiling = statistics.median(rates)
-    report["ceiling"] = {"n": args.matmul_n, "gflops_median": ceiling, "gflops_samples": rates}
-    for case in results:
-        case.pct_of_ceiling = None if case.gmac_per_s is None else 100 * 2 * case.gmac_per_s / ceiling
+                    bar.set_postfix_str(f"{level.name} {batch}x{height}x{width}")
+                    images = photo_input(model, batch, height, width, args.seed + 1)
+                    cases = [CaseResult(b, level.name, level.rank, batch, height, width, gmacs) for b in backends]
+                    _run_cases(cases, {**forwards, **runners}, images, level, budget, args.matmul_n, rates)
+                    results += cases
+                    bar.update()
+                if (height, width) == first_size:
+                    _level_extras(info[index], model, runners, level, args, stats_input=images[:1])
     report["results"] = [asdict(r) for r in results]
-    report["verdicts"] = verdicts(report)
     return report
 
 
-def _run_case(case: CaseResult, forward: Forward, images: torch.Tensor, level: Level,
-              budget: tuple[int, float, float]) -> None:
-    need, free = 3 * attention_bytes(level, case.batch, case.height, case.width), available_memory()
+def _level_extras(info: dict, model: torch.nn.Module, runners: dict[str, OnnxRunner], level: Level,
+                  args: argparse.Namespace, stats_input: torch.Tensor) -> None:
+    """int8 mask agreement with fp32 ORT, and the statistics a family reports (DoViT's kept fractions)."""
+    if model.spec.stats:
+        with torch.inference_mode():
+            _, stats = model.forward_with_stats(stats_input, **level.kwargs)
+        info["stats"] = {key: [round(float(v), 3) for v in value[0].reshape(-1)] for key, value in stats.items()}
+    if "int8" in runners and "onnxruntime" in runners and args.agreement_sizes:
+        pairs = mask_agreement(runners["onnxruntime"], runners["int8"], model, level, _sizes(args.agreement_sizes))
+        info["int8_agreement"] = [round(a, 4) for a, _ in pairs]
+        info["fp32_mask_classes"] = [classes for _, classes in pairs]
+
+
+def _run_cases(cases: list[CaseResult], forwards: dict[str, Forward], images: torch.Tensor, level: Level,
+               budget: tuple[int, float, float], matmul_n: int, rates: list[float]) -> None:
+    """Times the cases' backends interleaved with the fp32 matmul (the local ceiling, also added to `rates`)."""
+    first = cases[0]
+    need, free = 3 * attention_bytes(level, first.batch, first.height, first.width), available_memory()
     if free is not None and need > 0.8 * free:
-        case.note = f"skipped: needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
-        log.warning("%s %s batch %d %dx%d %s", case.backend, case.level, case.batch, case.height, case.width, case.note)
+        for case in cases:
+            case.note = f"skipped: needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available"
+        log.warning("%s batch %d %dx%d %s", first.level, first.batch, first.height, first.width, first.note)
         return
+    calls = {c.backend: (lambda f=forwards[c.backend]: f(images, **level.kwargs)) for c in cases}
+    matmul, gflop = matmul_call(matmul_n)
+    repeats, budget_s, long_s = budget
     with torch.inference_mode():
-        samples, case.note = time_calls(lambda: forward(images, **level.kwargs), *budget,
-                                        warmups=1 + (case.backend == "compiled"))
-    seconds = statistics.median(samples)
-    case.samples_s = samples
-    case.ms_per_image = seconds * 1000 / case.batch
-    case.gmac_per_s = case.gmacs_per_image * case.batch / seconds
+        timed = time_interleaved({**calls, CEILING: matmul}, repeats, budget_s, long_s, warmups={"compiled": 2})
+    local = [gflop / t for t in timed[CEILING][0]]
+    rates += local
+    for case in cases:
+        case.ceiling_gflops = statistics.median(local)
+        samples, case.rounds, case.note = timed[case.backend]
+        seconds = statistics.median(samples)
+        case.samples_s = samples
+        case.ms_per_image = seconds * 1000 / case.batch
+        case.gmac_per_s = case.gmacs_per_image * case.batch / seconds
 
 
-# --- report: verdicts, text table, Markdown block -------------------------------------------------------
-MD_START, MD_END = "<!-- models.bench:start -->", "<!-- models.bench:end -->"
-MD_HEADING = "## Model: eager torch vs ONNX Runtime, per ISR level"
-_LABEL = {"eager": "eager", "compiled": "compile", "onnxruntime": "ORT"}
+def _resumed(args: argparse.Namespace, names: Sequence[str]) -> dict | None:
+    """The report of an earlier run in `--json`, when resuming one with the same models."""
+    if not (args.resume and args.json and Path(args.json).is_file()):
+        return None
+    earlier = json.loads(Path(args.json).read_text())
+    earlier["models"] = [m for m in earlier.get("models", []) if m["model"] in names and "error" not in m]
+    return earlier
 
 
-def _area(r: dict) -> int:
-    return r["height"] * r["width"]
+def _finish(report: dict[str, object], rates: list[float], args: argparse.Namespace, start: float) -> None:
+    """Ceiling, % of ceiling and verdicts from every sample so far; written to `--json` (after each model)."""
+    from models.bench_report import verdicts
+
+    ceiling = statistics.median(rates)
+    report["ceiling"] = {"n": args.matmul_n, "gflops_median": ceiling, "gflops_samples": [round(r, 1) for r in rates]}
+    for model_report in report["models"]:  # type: ignore[union-attr]
+        for case in model_report.get("results", []):
+            rate, local = case["gmac_per_s"], case.get("ceiling_gflops") or ceiling
+            case["pct_of_ceiling"] = None if rate is None else 100 * 2 * rate / local
+        model_report["verdicts"] = verdicts(model_report) if model_report.get("results") else {}
+    report["load_average_end"] = load_average()
+    report["wall_s"] = round(float(report.get("wall_s_before", 0)) + time.perf_counter() - start, 1)  # type: ignore[arg-type]
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def verdicts(report: dict) -> dict[str, object]:
-    """The issue's two targets, computed from the measured results (None where a case is missing)."""
-    done = [r for r in report["results"] if r["ms_per_image"] is not None]  # type: ignore[union-attr]
-    if not done:
-        return {}
-    small_area = 512 * 512 if any(_area(r) == 512 * 512 for r in done) else min(_area(r) for r in done)
-    small = [r for r in done if _area(r) == small_area]
-    best = max(small, key=lambda r: r["pct_of_ceiling"])
-    out: dict[str, object] = {"ceiling_pct": {
-        "target": 40.0, "size": f"{best['height']}x{best['width']}", "pct_of_ceiling": round(best["pct_of_ceiling"], 1),
-        "best_path": f"{best['backend']} {best['level']} batch {best['batch']}", "met": best["pct_of_ceiling"] >= 40.0,
-    }}
-    big = [r for r in done if _area(r) == max(map(_area, done))]
-    speedups: dict[str, float] = {}
-    for backend, batch in dict.fromkeys((r["backend"], r["batch"]) for r in big):
-        by_rank = {r["rank"]: r for r in big if (r["backend"], r["batch"]) == (backend, batch)}
-        if 0 in by_rank and max(by_rank) > 0:
-            ratio = by_rank[0]["ms_per_image"] / by_rank[max(by_rank)]["ms_per_image"]
-            speedups[f"{backend} batch {batch} ({by_rank[max(by_rank)]['level']})"] = round(ratio, 2)
-    if speedups:
-        out["isr_speedup"] = {"target": 2.0, "size": f"{big[0]['height']}x{big[0]['width']}",
-                              "cheapest_vs_full": speedups, "met_on_all_paths": min(speedups.values()) >= 2.0,
-                              "met_on_some_path": max(speedups.values()) >= 2.0}
-    return out
-
-
-def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    results = report["results"]
-    backends = list(dict.fromkeys(r["backend"] for r in results))
-    header = ["size", "batch", "ISR level", "GMAC/img"]
-    for b in backends:
-        header += [f"{_LABEL[b]} ms/img", f"{_LABEL[b]} GMAC/s", f"{_LABEL[b]} % ceil"]
-    header.append("best vs full")
-    cell = {(r["backend"], r["height"], r["width"], r["batch"], r["rank"]): r for r in results}
-    keys = sorted({(r["height"], r["width"], r["batch"], r["rank"], r["level"], r["gmacs_per_image"]) for r in results})
-    rows = []
-    for height, width, batch, rank, level, gmacs in keys:
-        row = [f"{height}x{width}", str(batch), level, f"{gmacs:.2f}"]
-        best: list[float] = []
-        for b in backends:
-            r = cell[(b, height, width, batch, rank)]
-            if r["ms_per_image"] is None:
-                row += ["skipped", "", ""]
-                continue
-            row += [f"{r['ms_per_image']:.0f}", f"{r['gmac_per_s']:.1f}", f"{r['pct_of_ceiling']:.0f}%"]
-            full = cell.get((b, height, width, batch, 0))
-            if full and full["ms_per_image"]:
-                best.append(full["ms_per_image"] / r["ms_per_image"])
-        row.append(f"{max(best):.2f}x" if best else "")
-        rows.append(row)
-    return header, rows
-
-
-def _summary(report: dict) -> list[str]:
-    m, c, v = report["machine"], report["ceiling"], report.get("verdicts", {})
-    lines = [
-        f"{report['model']} ({report['num_classes']} classes), {report['date']}; {m['cpu']}, "
-        f"{m['logical_cores']} cores, {m['threads']} threads; torch {m['torch']}, onnxruntime {m['onnxruntime']}",
-        f"fp32 matmul ceiling: {c['gflops_median']:.1f} GFLOP/s (torch.mm {c['n']}x{c['n']}, median of "
-        f"{len(c['gflops_samples'])} across the run, {min(c['gflops_samples']):.0f}-{max(c['gflops_samples']):.0f}); "
-        "GMAC = 2 FLOP, % ceil = 2 x GMAC/s / ceiling",
-        f"eager variant: {report['eager_variant']} (batch-1 full-compute ms: "
-        + ", ".join(f"{k} {t:.0f}" for k, t in report["eager_variants_ms_batch1_full"].items()) + ")",
-    ]
-    if "ceiling_pct" in v:
-        t = v["ceiling_pct"]
-        lines.append(f"target >= 40% of ceiling at {t['size']}: {'MET' if t['met'] else 'NOT MET'} "
-                     f"({t['pct_of_ceiling']}%, {t['best_path']})")
-    if "isr_speedup" in v:
-        t = v["isr_speedup"]
-        ratios = ", ".join(f"{k} {x:.2f}x" for k, x in t["cheapest_vs_full"].items())
-        state = ("MET on all paths" if t["met_on_all_paths"]
-                 else "MET on some paths" if t["met_on_some_path"] else "NOT MET")
-        lines.append(f"target cheapest level >= 2x faster than full at {t['size']}: {state} ({ratios})")
-    return lines
-
-
-def format_table(report: dict) -> str:
-    header, rows = _rows(report)
-    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return "\n".join([*_summary(report), "", fmt.format(*header), *(fmt.format(*r) for r in rows)])
-
-
-def markdown_block(report: dict) -> str:
-    header, rows = _rows(report)
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(r) + " |" for r in rows]
-    summary = [f"- {line}" for line in _summary(report)]
-    return "\n".join([MD_START, *summary, "", *table, MD_END])
-
-
-def update_markdown(path: Path, report: dict) -> None:
-    """Replace the generated block of our section (creating the file or section when missing); text
-    outside the markers, including other sections, is kept."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = markdown_block(report)
-    if MD_START in text and MD_END in text:
-        head, rest = text.split(MD_START, 1)
-        text = head + block + rest.split(MD_END, 1)[1]
-    elif MD_HEADING in text:
-        text = text.replace(MD_HEADING, f"{MD_HEADING}\n\n{block}", 1)
-    else:
-        text = text.rstrip("\n") + f"\n\n{MD_HEADING}\n\n{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+def run_bench(args: argparse.Namespace) -> dict[str, object]:
+    """Every named model's report, with the machine, the matmul ceiling and the load over the run. A model that
+    fails is reported with its error and the run goes on; `--resume` keeps the models an earlier `--json` has."""
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    names = zoo_order(list_models()) if args.all else [n.strip() for n in args.model.split(",") if n.strip()]
+    for name in names:
+        get_spec(name)  # KeyError listing the known names before anything runs
+    if args.checkpoint and len(names) > 1:
+        raise ValueError("--checkpoint needs exactly one --model")
+    smallest = smallest_of_families(list_models())
+    report: dict[str, object] = _resumed(args, names) or {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine_info(threads),
+        "units": "GMAC = 1e9 multiply-accumulates = 2 GFLOP; pct_of_ceiling = 2 * GMAC/s / matmul GFLOP/s",
+        "load_average_start": load_average(), "sizes": _sizes(args.sizes), "extra_sizes": _sizes(args.smallest_sizes),
+        "models": [],
+    }
+    report["wall_s_before"] = report.get("wall_s", 0)
+    start = time.perf_counter()
+    rates = [*report.get("ceiling", {}).get("gflops_samples", []), *matmul_rates(args.matmul_n)]  # type: ignore[union-attr]
+    done = {m["model"]: m for m in report["models"]}  # type: ignore[union-attr]
+    models = []
+    for name in names:
+        if name not in done:
+            try:
+                done[name] = bench_model(name, args, threads, rates, name in smallest)
+            except Exception as exc:  # one model's failure must not cost the hours spent on the others
+                log.exception("benchmark of %s failed", name)
+                done[name] = {"model": name, "family": get_spec(name).family, "error": f"{type(exc).__name__}: {exc}"}
+        models.append(done[name])
+        report["models"] = models + [m for n, m in done.items() if n not in names]
+        _finish(report, rates, args, start)
+    report["models"] = models
+    _finish(report, rates, args, start)
+    return report
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's flags, shared by `python -m models.bench` and `segserve bench`."""
     add = parser.add_argument
-    add("--model", default="edaformer-t")
+    add("--model", default="edaformer-t", help="a registered model, or a comma-separated list")
+    add("--all", action="store_true", help="every registered model (`--list` shows them)")
+    add("--list", action="store_true", help="list the models, their knob ladders and published mIoU, and exit")
     add("--num-classes", type=int, default=150)
-    add("--checkpoint", default=None, help="weights to load (random weights time the same)")
-    add("--sizes", default="512x512,1024x2048", help="comma-separated HxW")
-    add("--batches", default="1,4")
-    add("--levels", default="all", help="'all' or comma-separated level names, e.g. 1111-111,2222-222")
-    add("--repeats", type=int, default=5, help="timed calls per case at most (after one warm-up)")
-    add("--case-budget", type=float, default=6.0, help="seconds a case may spend on timed calls (>= 1 call)")
-    add("--long-call", type=float, default=8.0, help="a first call this slow (s) is the case's only sample")
+    add("--checkpoint", default=None, help="weights to load (one model only; random weights time the same)")
+    add("--sizes", default="512x512", help="comma-separated HxW timed for every model")
+    add("--smallest-sizes", default="1024x2048", help="HxW timed too for the smallest variant of each family")
+    add("--batches", default="1")
+    add("--levels", default="all", help="'all', 'ends' (the training setting and the cheapest level) or "
+        "comma-separated level names, e.g. 1111-111,2222-222")
+    add("--backends", default="eager,onnxruntime,int8", help=f"of {', '.join(BACKENDS)} (compiled: torch.compile, "
+        "minutes of compiling per level and shape on 2 cores, so not in the default)")
+    add("--agreement-sizes", default="360x480,512x512,600x400", help="HxW of the photo-like images on which the "
+        "int8 mask is compared with fp32's (through the test pipeline); empty: skip")
+    add("--repeats", type=int, default=5, help="timed rounds per case at most (after one warm-up per backend)")
+    add("--case-budget", type=float, default=6.0, help="seconds of timed calls per backend and case (>= 1 call)")
+    add("--long-call", type=float, default=8.0, help="a first call this slow (s) is that backend's only sample")
     add("--threads", type=int, default=None, help="torch and ORT intra-op threads (default: all cores)")
     add("--matmul-n", type=int, default=2048, help="side of the square matrices of the ceiling")
-    add("--backends", default="eager,onnxruntime", help="of eager, onnxruntime, compiled (torch.compile: "
-        "minutes of compiling per ISR level and shape on 2 cores, so not in the default)")
-    add("--onnx-dir", default=str(DEFAULT_ONNX_DIR), help="cache of exported graphs")
+    add("--onnx-dir", default=str(DEFAULT_ONNX_DIR), help="cache of exported (and quantized) graphs")
     add("--seed", type=int, default=0)
-    add("--quick", action="store_true", help="smoke run: 256x256, batch 1, full and cheapest levels, 1 repeat")
-    add("--json", default=None, help="write the full report here")
-    add("--markdown", default=None, help="create/update this Markdown file's model benchmark section")
+    add("--quick", action="store_true", help="smoke run: 256x256 only, batch 1, full and cheapest levels, 1 round")
+    add("--json", default=None, help="write the full report here (after each model)")
+    add("--resume", action="store_true", help="keep the models the `--json` file of an interrupted run has")
+    add("--render", action="store_true", help="measure nothing: print and write the outputs of the `--json` report")
+    add("--markdown", default=None, help="create/update this Markdown file's model-zoo table")
+    add("--detail-markdown", default=None, help="create/update this Markdown file's per-level block (one model)")
+    add("--plot", default=None, help="write the latency / published-mIoU Pareto plot here (PNG; needs matplotlib)")
+
+
+def _apply_quick(args: argparse.Namespace) -> None:
+    args.sizes, args.smallest_sizes, args.batches, args.repeats, args.matmul_n = "256x256", "", "1", 1, 1024
+    args.agreement_sizes = ""  # the test pipeline resizes any image to a 512 short side: not a quick check
+    if args.levels == "all" and not args.all and "," not in args.model:
+        ladder = get_spec(args.model).ladder()
+        args.levels = ",".join(dict.fromkeys([ladder[0].name, ladder[-1].name]))
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    if args.quick:
-        args.sizes, args.batches, args.repeats, args.matmul_n = "256x256", "1", 1, 1024
-        if args.levels == "all":
-            from models.registry import get_spec
+    from models.bench_report import format_list
 
-            ladder = get_spec(args.model).ladder()
-            args.levels = ",".join(dict.fromkeys([ladder[0].name, ladder[-1].name]))
+    if args.list:
+        print(format_list())
+        return 0
+    if args.render:
+        if not args.json:
+            raise SystemExit("--render needs --json (the report to render)")
+        report = json.loads(Path(args.json).read_text())
+        return _write_outputs(report, args)
+    if args.quick:
+        _apply_quick(args)
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        log.warning("OMP_WAIT_POLICY is not PASSIVE: on a machine shared with other CPU work, spinning OpenMP "
+                    "threads make eager timings erratic (measured 2.5 s instead of 56 ms for one EDAFormer-T call)")
     report = run_bench(args)
-    print(format_table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
+    return _write_outputs(report, args)
+
+
+def _write_outputs(report: dict, args: argparse.Namespace) -> int:
+    from models.bench_report import format_table, update_markdown
+
+    print(format_table(report))
+    if args.plot:
+        from models.bench_plot import write_pareto_plot
+
+        write_pareto_plot(report, Path(args.plot))
+        print(f"wrote {args.plot}")
     if args.markdown:
-        update_markdown(Path(args.markdown), report)
+        update_markdown(Path(args.markdown), report, "zoo", plot=Path(args.plot) if args.plot else None)
         print(f"updated {args.markdown}")
+    if args.detail_markdown:
+        update_markdown(Path(args.detail_markdown), report, "detail")
+        print(f"updated {args.detail_markdown}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and "OMP_WAIT_POLICY" not in os.environ:
+        # OpenMP reads it when torch loads, which `python -m models.bench` did before this line: start again with
+        # it set, as `segserve` does for its own process.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "models.bench", *sys.argv[1:]])
     parser = argparse.ArgumentParser(prog="python -m models.bench", description=__doc__.split("\n")[0])
     add_bench_arguments(parser)
     args = parser.parse_args(argv)

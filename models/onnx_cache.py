@@ -3,7 +3,8 @@
 A graph is keyed by the model's name, class count, level, a digest of its weights, the opset and the torch
 release, so a changed checkpoint or exporter never serves a stale graph. A fresh export is parity-checked at
 one odd size before it enters the cache (writes are atomic), and every export shows its progress: an export
-takes tens of seconds on 2 cores.
+takes tens of seconds on 2 cores. An int8 graph (`models.quantize.int8_graphs`) lies next to its fp32 graph,
+named after it plus the digest of its quantization recipe (`int8_graph_path`).
 
     paths = cached_graphs(model, model.spec.ladder()[:2])   # [Path, Path]
 """
@@ -65,3 +66,9 @@ def cached_graphs(
             tmp.replace(path)  # only checked graphs enter the cache
         paths.append(path)
     return paths
+
+
+def int8_graph_path(fp32_path: Path, recipe_digest: str) -> Path:
+    """Where the int8 graph quantized from `fp32_path` with a recipe of this digest is cached: the fp32 key
+    (model, classes, level, weights, opset, torch) plus the recipe (which also covers the ORT release)."""
+    return fp32_path.with_name(f"{fp32_path.stem}-int8-{recipe_digest}.onnx")

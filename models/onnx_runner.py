@@ -7,6 +7,9 @@ holds one InferenceSession per file and refuses a level it has no graph for:
     runner = OnnxRunner([t_full_path, t_2222_path])
     logits = runner(images, isr=IsrConfig.parse("2222/222"))
 
+An int8 graph (`models.quantize`) runs the same way; its metadata says so (`precision`), and one runner
+holds graphs of one precision only.
+
 ORT's `InferenceSession.run` is thread-safe and the runner keeps no other mutable state, so one runner
 serves concurrent requests, as the torch model does.
 """
@@ -42,6 +45,8 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 _ALIASES = {"cpu": CPU, "cuda": CUDA, "gpu": CUDA}
 _RUNTIME = object()  # session key of a graph whose knob is an input
+# Written by `models.quantize` on int8 graphs (fp32 graphs carry neither key).
+META_PRECISION, META_INT8_RECIPE = "segserve.precision", "segserve.int8_recipe"
 
 
 class MissingLevelGraphError(LookupError):
@@ -56,6 +61,7 @@ class GraphInfo:
     model_name: str
     level: Level | None  # None for a graph whose knob is a runtime input
     num_classes: int | None
+    precision: str = "fp32"  # "int8" for graphs from `models.quantize`
 
 
 def resolve_providers(providers: str | Sequence[str] | None) -> list[str]:
@@ -109,7 +115,8 @@ def read_graph_info(path: str | Path) -> GraphInfo:
     spec = _spec(meta[META_MODEL])
     level = None if meta.get(META_RUNTIME_KNOB) else spec.level(meta.get(META_LEVEL, "base"))
     num_classes = meta.get(META_NUM_CLASSES)
-    return GraphInfo(path, spec.name, level, int(num_classes) if num_classes else None)
+    return GraphInfo(path, spec.name, level, int(num_classes) if num_classes else None,
+                     meta.get(META_PRECISION) or "fp32")
 
 
 def _scalar_knob(name: str, value: Any) -> np.ndarray:
@@ -148,6 +155,10 @@ class OnnxRunner:
         classes = {i.num_classes for i in infos if i.num_classes}
         if len(names) > 1 or len(classes) > 1:
             raise ValueError(f"graphs come from different models: {sorted(names)} / {sorted(classes)} classes")
+        precisions = {i.precision for i in infos}
+        if len(precisions) > 1:
+            raise ValueError(f"graphs of different precisions ({', '.join(sorted(precisions))}): one runner each")
+        self.precision: str = precisions.pop()
         self.model_name: str = infos[0].model_name
         self.num_classes: int | None = next(iter(classes), None)
         self.spec = _spec(self.model_name)
@@ -160,7 +171,7 @@ class OnnxRunner:
             self._sessions[key] = ort.InferenceSession(str(info.path), options, providers=self.providers)
             if info.level is not None:
                 self._levels.append(info.level)
-        log.info("ONNX runner for %s: %s on %s", self.model_name,
+        log.info("ONNX runner for %s (%s): %s on %s", self.model_name, self.precision,
                  ", ".join(lv.name for lv in self._levels) or "knob as input", self.providers[0])
 
     @property
