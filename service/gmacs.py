@@ -71,8 +71,9 @@ class GmacTable:
     def _background(self, architecture: str, num_classes: int, shape: Shape, level: Level, key: str) -> None:
         try:
             self.exact(architecture, num_classes, shape, level)
-        except Exception:  # a count that fails leaves the pixel-ratio estimate in place
-            log.exception("GMAC count failed for %s", key)
+        except Exception as exc:  # e.g. a knob level that cannot run at this shape: the pixel-ratio estimate stays
+            log.warning("GMAC count failed for %s (%s: %s); the pixel-ratio estimate stays", key,
+                        type(exc).__name__, exc)
         finally:
             with self._lock:
                 self._pending.discard(key)

@@ -24,6 +24,7 @@ from service.images import ImageHeader, decoded_size
 log = logging.getLogger(__name__)
 # Trim the heap after a request that held at least this much: small requests reuse the same blocks anyway.
 TRIM_AFTER_BYTES = 16 * 1024 * 1024
+TRIM_DELAY_S = 0.5  # after the last large request of a burst, once its answer has been sent
 
 
 def _load_malloc_trim():  # -> Callable[[int], int] | None
@@ -72,8 +73,18 @@ class MemoryBudget:
         finally:
             with self._lock:
                 self.in_use -= amount
+                idle = self.in_use == 0
             if amount >= TRIM_AFTER_BYTES:
                 trim()
+                if idle:
+                    # Once a burst is over, again a moment later: the answers' bytes (the encoded mask, the
+                    # response) are freed only after this request's hold ends, and would otherwise stay mapped.
+                    self._trim_later()
+
+    def _trim_later(self, delay_s: float = TRIM_DELAY_S) -> None:
+        timer = threading.Timer(delay_s, trim)
+        timer.daemon = True
+        timer.start()
 
 
 def trim() -> None:

@@ -148,13 +148,13 @@ class Pipeline:
                       request.timeout_ms / 1e3 if request.timeout_ms is not None else math.inf)
         try:
             async with asyncio.timeout(limit_s):
-                return await self._segment(request, time.monotonic())
+                return await self._segment(request, time.monotonic(), limit_s)
         except TimeoutError:
             self.rt.metrics.rejected.labels("", "deadline_expired").inc()
             raise DeadlineExpired(f"the request did not finish within its {limit_s * 1e3:.0f} ms timeout",
                                   code="deadline_expired") from None
 
-    async def _segment(self, request: SegmentRequest, arrived: float) -> SegmentResult:
+    async def _segment(self, request: SegmentRequest, arrived: float, limit_s: float) -> SegmentResult:
         rt = self.rt
         self._check_ready()
         target, quality = self._validate(request)
@@ -193,6 +193,10 @@ class Pipeline:
             point = rt.pools[target.task].point(cached.level) or plan.point
             reason = PlanReason.CACHE
         total_s = time.monotonic() - arrived
+        if total_s > limit_s:
+            # The answer and the timeout became due in the same turn of a busy event loop and the answer woke
+            # first: it is late all the same (the result stays cached for the next request).
+            raise TimeoutError
         receipt = build_receipt(rt, request, point, reason, plan, cached, batch, total_s, header, target.task)
         self._record(point, reason, receipt, total_s, target.task)
         body = cached.body

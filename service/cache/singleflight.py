@@ -49,21 +49,31 @@ class SingleFlight(Generic[T]):
 
     async def do(self, key: str, coro_factory: Callable[[], Awaitable[T]]) -> T:
         """The outcome of the computation for `key`, started with `coro_factory()` if none is running."""
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = _Flight(asyncio.ensure_future(coro_factory()))
-            self._flights[key] = flight
-            flight.task.add_done_callback(lambda task: self._finished(key, task))
-        flight.waiters += 1
-        try:
-            # shield: cancelling this caller must not cancel the task the other callers await.
-            return await asyncio.shield(flight.task)
-        except asyncio.CancelledError:
-            if flight.waiters == 1 and self.cancel_when_abandoned and not flight.task.done():
-                flight.task.cancel()
-            raise
-        finally:
-            flight.waiters -= 1
+        while True:
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = _Flight(asyncio.ensure_future(coro_factory()))
+                self._flights[key] = flight
+                flight.task.add_done_callback(lambda task, key=key: self._finished(key, task))
+            flight.waiters += 1
+            try:
+                # shield: cancelling this caller must not cancel the task the other callers await.
+                return await asyncio.shield(flight.task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling() == 0 and flight.task.cancelled():
+                    # Not this caller's cancellation: the computation it joined was abandoned by the others
+                    # (cancelled an instant before it ended). Compute afresh rather than fail a live request.
+                    continue
+                if flight.waiters == 1 and self.cancel_when_abandoned and not flight.task.done():
+                    flight.task.cancel()
+                    # Forget it now, not when the cancellation lands: a caller arriving in between must start
+                    # a fresh computation, not join one that is about to end cancelled.
+                    if self._flights.get(key) is flight:
+                        del self._flights[key]
+                raise
+            finally:
+                flight.waiters -= 1
 
     def _finished(self, key: str, task: asyncio.Task[T]) -> None:
         flight = self._flights.get(key)

@@ -90,9 +90,13 @@ def test_near_limit_images_at_once_stay_within_the_memory_budget(big_image_serve
     assert 200 in statuses and set(statuses) <= {200, 429}, statuses
     for refused in (r for r in responses if r.status_code == 429):
         assert refused.json()["error"]["code"] == "memory_budget" and int(refused.headers["Retry-After"]) >= 1
-    resident, peak = memory_mb(server.process.pid)
+    _, peak = memory_mb(server.process.pid)
     assert peak - baseline <= MEMORY_BUDGET + SLACK, (baseline / 2**20, peak / 2**20)
-    assert resident - baseline <= MEMORY_BUDGET / 2, (baseline / 2**20, resident / 2**20)  # handed back
+    # Handed back once the burst is over (the server trims the heap again shortly after its last answer).
+    deadline = time.monotonic() + 5
+    while (resident := memory_mb(server.process.pid)[0]) - baseline > MEMORY_BUDGET / 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert resident - baseline <= MEMORY_BUDGET / 2, (baseline / 2**20, resident / 2**20)
     ok = next(r for r in responses if r.status_code == 200)
     assert Image.open(io.BytesIO(ok.content)).size == (2000, 2000)  # reduced decoding, full-size mask
 

@@ -120,6 +120,41 @@ async def test_work_nobody_waits_for_is_cancelled():
     assert len(flight) == 0
 
 
+async def test_a_caller_arriving_as_the_work_is_abandoned_gets_a_fresh_computation():
+    """The last waiter leaves (deadline, client gone) and cancels the work; a caller arriving before that
+    cancellation lands must not inherit it: it once surfaced as a CancelledError, a 500, on a live request."""
+    flight: SingleFlight[object] = SingleFlight()
+    first = Computation()
+    leaving = asyncio.ensure_future(flight.do("k", first))
+    await wait_for_waiters(flight, "k", 1)
+    leaving.cancel()
+    await asyncio.sleep(0)  # the leaving caller cancels the work; the cancellation has not landed yet
+    second = Computation(result="fresh")
+    arriving = asyncio.ensure_future(flight.do("k", second))
+    await wait_for_waiters(flight, "k", 1)
+    second.release.set()
+    assert await arriving == "fresh"
+    assert first.cancelled and second.runs == 1
+    await asyncio.gather(leaving, return_exceptions=True)
+
+
+async def test_a_live_caller_of_a_cancelled_computation_computes_again():
+    """Defence in depth: if the shared work ends cancelled while a caller that was not cancelled awaits it,
+    that caller starts the computation again instead of failing."""
+    flight: SingleFlight[object] = SingleFlight()
+    calls = 0
+
+    async def factory() -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise asyncio.CancelledError  # the work's own cancellation, not the caller's
+        return "again"
+
+    assert await flight.do("k", factory) == "again"
+    assert calls == 2
+
+
 async def test_abandoned_work_can_be_kept_running():
     flight: SingleFlight[object] = SingleFlight(cancel_when_abandoned=False)
     computation = Computation()
