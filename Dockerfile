@@ -29,7 +29,7 @@ FROM build-source AS build-cpu
 # PyPI's Linux torch wheels carry CUDA libraries (gigabytes); the CPU index offers the same release
 # as 2.13.0+cpu, which pip prefers for `torch==2.13.0`. A build arg, so a mirror can replace it.
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-# The README's install command, unchanged (tests/unit/test_deploy_docker.py keeps them equal).
+# The README's install command, unchanged (tests/deploy/test_docker.py keeps them equal).
 RUN pip install -c constraints/cpu.txt .
 
 FROM build-source AS build-gpu

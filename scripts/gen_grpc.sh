@@ -2,7 +2,7 @@
 # Regenerate the committed Python gRPC stubs in service/grpc/gen/ from the .proto files in service/grpc/:
 # segserve.proto (segserve.v1) and grpc_predict_v2.proto (the Open Inference Protocol, package `inference`).
 #
-#   scripts/gen_grpc.sh [OUT_DIR]   (default: service/grpc/gen; tests/unit/test_grpc_stubs.py passes a tmp dir)
+#   scripts/gen_grpc.sh [OUT_DIR]   (default: service/grpc/gen; tests/service/grpc/test_grpc_stubs.py passes a tmp dir)
 #
 # The generator is pinned to grpcio-tools 1.64.3 (protoc 26.1: "Protobuf Python Version: 5.26.1"), installed in
 # a throwaway virtual environment of its own, never in the project's. Why that old one: from protobuf 5.27 on,

