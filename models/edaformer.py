@@ -16,6 +16,7 @@ from models.checkpoint import MMSEG_CONV_SEG
 from models.isr import EDAFORMER_ISR, IsrConfig
 from models.layers import EmbeddingFreeAttention, MixFFN, OverlapPatchEmbed
 from models.layers.conv import ConvBnRelu
+from models.layers.stages import run_stages
 from models.registry import register_model
 from models.spec import CheckpointRules, ModelSpec
 
@@ -70,17 +71,7 @@ class EftEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, pools: tuple[int, ...]) -> list[torch.Tensor]:
         """images: (B, 3, H, W) -> 4 feature maps (B, C_i, ceil(H/s_i), ceil(W/s_i))."""
-        B = images.shape[0]
-        features = []
-        x = images
-        for stage, pool in enumerate(pools, start=1):
-            tokens, height, width = getattr(self, f"patch_embed{stage}")(x)
-            for block in getattr(self, f"block{stage}"):
-                tokens = block(tokens, height, width, pool)
-            tokens = getattr(self, f"norm{stage}")(tokens)
-            x = tokens.reshape(B, height, width, -1).permute(0, 3, 1, 2).contiguous()  # B, C, H, W
-            features.append(x)
-        return features
+        return run_stages(self, images, pools)
 
 
 

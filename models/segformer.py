@@ -24,6 +24,7 @@ from models.checkpoint import MMSEG_CONV_SEG
 from models.isr import IsrConfig, IsrKnob
 from models.layers import MixFFN, OverlapPatchEmbed
 from models.layers.conv import ConvBnRelu
+from models.layers.stages import run_stages
 from models.registry import register_model
 from models.segformer_checkpoint import convert_segformer_state_dict
 from models.spec import CheckpointRules, ModelSpec
@@ -122,17 +123,7 @@ class MixVisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor, pool_ratios: tuple[int, ...]) -> list[torch.Tensor]:
         """images: (B, 3, H, W) -> 4 feature maps (B, C_i, ceil(H/s_i), ceil(W/s_i)), s_i = 4, 8, 16, 32."""
-        B = images.shape[0]
-        features = []
-        x = images
-        for stage, pool_ratio in enumerate(pool_ratios, start=1):
-            tokens, height, width = getattr(self, f"patch_embed{stage}")(x)
-            for block in getattr(self, f"block{stage}"):
-                tokens = block(tokens, height, width, pool_ratio)
-            tokens = getattr(self, f"norm{stage}")(tokens)
-            x = tokens.reshape(B, height, width, -1).permute(0, 3, 1, 2).contiguous()  # B, C, H, W
-            features.append(x)
-        return features
+        return run_stages(self, images, pool_ratios)
 
 
 class TokenLinear(nn.Module):
