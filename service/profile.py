@@ -7,12 +7,13 @@ postprocessing (resizing the logits to the image's size, the argmax) scale with 
 the point: a per-model rate in seconds per megapixel. (Folding both into one number made small-scale points
 look 3-4x cheaper than they are on large images, and the planner overbooked them under load.)
 
-The forward rows Rows start from calibration (`seed`): measured directly for anchor
-points, derived for the rest from a per-model affine fit `t = a + c * GMACs` over the anchors (fixed cost plus
-cost per GMAC, one fit per batch size). Every executed batch refines its point's row by an exponentially
-weighted average, after normalizing its time to the reference shape by the same fit. An entry that has not
-run yet is scaled by its model's drift (the average ratio of observed to seeded time), so that a model that
-calibrated slow under contention is corrected everywhere, not only where traffic happened to go.
+The forward rows start from calibration (`seed`): a per-model affine fit `t = a + c * GMACs` over the measured
+anchor points (fixed cost plus cost per GMAC, one fit per batch size) gives every point's row, the anchors'
+too, so that the order of the points at start follows their GMACs rather than one sample's noise. Every
+executed batch refines its point's row by an exponentially weighted average, after normalizing its time to the
+reference shape by the same fit. An entry that has not run yet is scaled by its model's drift (the average
+ratio of observed to seeded time), so that a model that calibrated slow under contention is corrected
+everywhere, not only where traffic happened to go.
 
 Thread-safe: workers observe while the event loop estimates. Plain data only (no torch): the GMAC counts
 come from a callback.
@@ -113,9 +114,11 @@ class LatencyProfile:
         with self._lock:
             self._fits[model] = fits
             for point in points:
-                measured = anchors.get(point.name, {})
+                # Every point, the anchors too, is seeded from the fit: one noisy sample of an anchor must not
+                # make it look slower than a point with more GMACs and drop it from the ladder (at small inputs
+                # the knob levels are a few percent apart, within one sample's noise). Batches refine it.
                 gmacs = self._gmacs(point, self._reference[point.name])
-                self._seeded[point.name] = {b: measured.get(b, a + c * gmacs) for b, (a, c) in fits.items()}
+                self._seeded[point.name] = {b: a + c * gmacs for b, (a, c) in fits.items()}
                 self._observed[point.name] = {}
             self.drift[model] = 1.0
             self._io_rate[model] = io_rate

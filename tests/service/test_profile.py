@@ -51,6 +51,20 @@ def test_derived_points_follow_the_fit_through_the_anchors() -> None:
     assert profile.estimate(FULL, (100, 100), 2) == pytest.approx(2 * (0.005 + 0.002 * 10), rel=1e-6)
 
 
+def test_a_noisy_anchor_does_not_reorder_the_points() -> None:
+    """The cheapest level measured 30% slow (one noisy sample) still seeds below the full level: every point
+    is seeded from the fit through the anchors, so the order at start follows GMACs."""
+    profile = LatencyProfile(gmacs)
+    for point in POINTS:
+        profile.register(point, REFERENCE[point.name])
+    truth = {p.name: 0.005 + 0.002 * gmacs(p, REFERENCE[p.name]) for p in POINTS}
+    anchors = {p.name: {1: truth[p.name]} for p in (FULL, CHEAP, SMALL)}
+    anchors[CHEAP.name] = {1: 1.3 * truth[CHEAP.name]}  # slower than FULL's 25 ms: 0.0244 * 1.3 = 32 ms
+    profile.seed("m", anchors, POINTS)
+    assert profile.estimate(CHEAP, REFERENCE[CHEAP.name]) < profile.estimate(FULL, REFERENCE[FULL.name])
+    assert profile.estimate(SMALL, REFERENCE[SMALL.name]) < profile.estimate(MIDDLE, REFERENCE[MIDDLE.name])
+
+
 def test_other_shapes_scale_by_the_fit_not_by_pixels_alone() -> None:
     profile = seeded_profile()
     # 200x100 doubles GMACs (10 -> 20): 5 + 2 * 20 = 45 ms, not 2 x 25 ms: the fixed cost is paid once.
@@ -79,7 +93,8 @@ def test_pre_and_postprocessing_scale_with_the_image_not_the_point() -> None:
     assert profile.batch_seconds(SMALL, REFERENCE[SMALL.name], 1, big) == pytest.approx(forward_small + 2.0)
     assert profile.batch_seconds(SMALL, REFERENCE[SMALL.name], 3, big) == pytest.approx(
         profile.estimate(SMALL, REFERENCE[SMALL.name], 3) + 6.0)
-    assert profile.table()[FULL.name][1] == pytest.approx(0.010 + 2.0 * 0.01)  # for a calibration-sized image
+    forward_full = profile.estimate(FULL, REFERENCE[FULL.name], 1)
+    assert profile.table()[FULL.name][1] == pytest.approx(forward_full + 2.0 * 0.01)  # a calibration-sized image
     for _ in range(40):  # the machine turns out to resize twice as fast
         profile.observe(FULL, REFERENCE[FULL.name], 1, 0.010, io_seconds=1.0, pixels=1_000_000)
     assert profile.io_seconds(FULL, 1_000_000) == pytest.approx(1.0, rel=0.01)
