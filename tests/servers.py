@@ -71,6 +71,11 @@ class ServerProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def ready_url(self) -> str:
+        """Where readiness is probed (a server with an ops port answers it there)."""
+        return f"{self.base_url}/readyz"
+
     def start(self, ready_timeout_s: float = 240.0) -> ServerProcess:
         profile_dir = tempfile.mkdtemp(prefix="segserve-profiles-")
         env = {**os.environ, **FAST_SETTINGS, "SEGSERVE_PROFILE_DIR": profile_dir, **self.env,
@@ -94,7 +99,7 @@ class ServerProcess:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"segserve exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=1.0).status_code == 200:
+                if httpx.get(self.ready_url, timeout=1.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

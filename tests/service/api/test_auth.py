@@ -57,19 +57,9 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 class OpsPortServer(ServerProcess):
     """A server whose /readyz is on its ops port (the API port answers it 404)."""
 
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"segserve exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{ops_port(self)}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.terminate()  # start() does not: a server that never got ready would outlive the test
-        raise TimeoutError(f"segserve was not ready within {timeout_s} s:\n{self.log()}")
+    @property
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{ops_port(self)}/readyz"
 
 
 def ops_port(server: ServerProcess) -> int:
