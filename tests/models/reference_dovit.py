@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-StateDict = dict[str, torch.Tensor]
+from tests.models.reference_ops import StateDict, layer_norm, perturb_weights_
 
 PATCH = 16
 TAPS = (2, 5, 8)  # out_indices[:-1] of the Segmenter DoViT configs
@@ -28,10 +28,6 @@ AGG_RATE = 0.1
 BACKBONE_EPS = 1e-6  # Segmenter base config: LN eps 1e-6 in the ViT
 HEAD_EPS = 1e-5  # the head's LayerNorms: mmseg default LN
 BN_EPS = 1e-5
-
-
-def layer_norm(x: torch.Tensor, sd: StateDict, name: str, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), sd[name + ".weight"], sd[name + ".bias"], eps)
 
 
 def linear(x: torch.Tensor, sd: StateDict, name: str) -> torch.Tensor:
@@ -167,22 +163,11 @@ def reference_forward(sd: StateDict, images: torch.Tensor, exit_threshold: float
 
 @torch.no_grad()
 def randomize_(module: torch.nn.Module, seed: int = 0, aux_scale: float = 1.0) -> torch.nn.Module:
-    """Make the weights non-trivial in place: perturb every 1-D tensor, give BatchNorm random running
-    statistics, and multiply the aux heads' classifiers by `aux_scale` (sharper softmax: confident tokens)."""
-    generator = torch.Generator().manual_seed(seed)
+    """The shared perturbation (`perturb_weights_`), then the aux heads' classifiers multiplied by `aux_scale`
+    (a sharper softmax: confident tokens, so that tokens exit)."""
+    perturb_weights_(module, seed)
     for name, tensor in module.state_dict().items():
-        if not tensor.is_floating_point():
-            continue
-        noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
-        if name.endswith("running_var"):
-            tensor.copy_(0.3 + 1.7 * torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype))
-        elif name.endswith("running_mean"):
-            tensor.copy_(0.3 * noise)
-        elif tensor.dim() == 1:
-            tensor.add_(0.1 * noise)
-        else:
-            tensor.add_(0.01 * noise)
-        if ".auxiliary_head." in name and ".conv_seg." in name:
+        if ".auxiliary_head." in name and ".conv_seg." in name and tensor.is_floating_point():
             tensor.mul_(aux_scale)
     return module
 

@@ -16,6 +16,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tests.models.reference_ops import (
+    StateDict,
+    grid_to_tokens,
+    layer_norm,
+    linear,
+    perturb_weights_,
+    tokens_to_grid,
+)
+
 # §1.1: heads per encoder stage (head dim 32 for T, 64 for B); training pooling ratios (§1.6).
 ENCODER_HEADS = (1, 2, 4, 8)
 ENCODER_POOLING = (8, 4, 2, 1)
@@ -27,26 +36,6 @@ C2_BLOCKS, C2_HEADS = ("attn2",), 2
 ENCODER_EPS = 1e-6  # block norm1/norm2 and the final stage norms
 DEFAULT_EPS = 1e-5  # patch-embed norms, every decoder LayerNorm, BatchNorm
 
-StateDict = dict[str, torch.Tensor]
-
-
-def layer_norm(x: torch.Tensor, sd: StateDict, name: str, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), sd[name + ".weight"], sd[name + ".bias"], eps)
-
-
-def linear(x: torch.Tensor, sd: StateDict, name: str) -> torch.Tensor:
-    return F.linear(x, sd[name + ".weight"], sd[name + ".bias"])
-
-
-def tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, N, C) -> (B, C, H, W)."""
-    batch, _, channels = tokens.shape
-    return tokens.transpose(1, 2).reshape(batch, channels, height, width)
-
-
-def grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C)."""
-    return grid.flatten(2).transpose(1, 2)
 
 
 def embedding_free_attention(
@@ -176,21 +165,4 @@ def reference_forward(
     return decoder(encoder(images, sd, tuple(encoder_ratios)), sd, tuple(decoder_ratios))
 
 
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Make the weights non-trivial in place: perturb every 1-D tensor (LayerNorm/BatchNorm affine, biases)
-    and give BatchNorm random running statistics; multi-dim weights keep their (random) initialisation."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, tensor in module.state_dict().items():
-        if not tensor.is_floating_point():
-            continue
-        noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
-        if name.endswith("running_var"):
-            tensor.copy_(0.3 + 1.7 * torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype))
-        elif name.endswith("running_mean"):
-            tensor.copy_(0.3 * noise)
-        elif tensor.dim() == 1:
-            tensor.add_(0.1 * noise)
-        else:
-            tensor.add_(0.01 * noise)
-    return module
+randomize_ = perturb_weights_  # the recipe the other references share

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-StateDict = dict[str, torch.Tensor]
+from tests.models.reference_ops import StateDict, batch_norm
 
 BACKBONE_HEADS = (2, 4, 10, 16)  # §1.4 defaults of every variant
 HEAD_HEADS = 8
@@ -25,7 +25,6 @@ HEAD_Q_SIZE = 32
 BASE_PYRAMID = (11, 8, 6, 4)
 BLOCK_EPS = 1e-6  # block norms, stem and patch-embed norms
 ATTN_NORM_EPS = 1e-5  # LayerNorm on the pooled K/V tokens
-BN_EPS = 1e-5
 
 
 def conv(x: torch.Tensor, sd: StateDict, name: str, stride: int = 1, depthwise: bool = False) -> torch.Tensor:
@@ -39,11 +38,6 @@ def channel_norm(x: torch.Tensor, sd: StateDict, name: str, eps: float) -> torch
     """LayerNorm over C of an NCHW map."""
     y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), sd[name + ".weight"], sd[name + ".bias"], eps)
     return y.permute(0, 3, 1, 2)
-
-
-def batch_norm(x: torch.Tensor, sd: StateDict, name: str) -> torch.Tensor:
-    return F.batch_norm(x, sd[name + ".running_mean"], sd[name + ".running_var"], sd[name + ".weight"],
-                        sd[name + ".bias"], training=False, eps=BN_EPS)
 
 
 def pooled_size(height: int, width: int, size: int) -> tuple[int, int]:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-StateDict = dict[str, torch.Tensor]
-BN_EPS = 1e-5
+from tests.models.reference_ops import StateDict, batch_norm
 
 # Spec §1.4: per variant, the MV2 rows [k, t, c, s] of smb1..smb5, the stem width, the SEA layers as
 # (dim, key_dim, depth, mlp_ratio) after the last smb stages, heads, and the head's embed dims.
@@ -48,11 +47,6 @@ VARIANTS: dict[str, dict] = {
         "sea": [(192, 16, 3, 2), (256, 20, 3, 4), (320, 24, 3, 6)], "heads": 8, "embed": [128, 160, 192],
     },
 }
-
-
-def batch_norm(x: torch.Tensor, sd: StateDict, name: str) -> torch.Tensor:
-    return F.batch_norm(x, sd[name + ".running_mean"], sd[name + ".running_var"], sd[name + ".weight"],
-                        sd[name + ".bias"], training=False, eps=BN_EPS)
 
 
 def conv_bn(x: torch.Tensor, sd: StateDict, name: str, stride: int = 1, depthwise: bool = False,

@@ -16,31 +16,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tests.models.reference_ops import (
+    StateDict,
+    grid_to_tokens,
+    layer_norm,
+    linear,
+    perturb_weights_,
+    tokens_to_grid,
+)
+
 NUM_HEADS = (1, 2, 5, 8)  # §1.1, every variant
 SR_RATIOS = (8, 4, 2, 1)
 BLOCK_EPS = 1e-6  # §1.4 block norm1/norm2 and §1.3 stage-end norms
 DEFAULT_EPS = 1e-5  # §1.2 patch-embed norm, §1.5 attn.norm, BatchNorm
 
-StateDict = dict[str, torch.Tensor]
-
-
-def layer_norm(x: torch.Tensor, sd: StateDict, name: str, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), sd[name + ".weight"], sd[name + ".bias"], eps)
-
-
-def linear(x: torch.Tensor, sd: StateDict, name: str) -> torch.Tensor:
-    return F.linear(x, sd[name + ".weight"], sd[name + ".bias"])
-
-
-def to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, N, C) -> (B, C, H, W)."""
-    batch, _, channels = tokens.shape
-    return tokens.transpose(1, 2).reshape(batch, channels, height, width)
-
-
-def to_tokens(grid: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C)."""
-    return grid.flatten(2).transpose(1, 2)
 
 
 def attention(x: torch.Tensor, height: int, width: int, sd: StateDict, name: str, heads: int, sr: int,
@@ -50,13 +39,13 @@ def attention(x: torch.Tensor, height: int, width: int, sd: StateDict, name: str
     d = channels // heads
     q = linear(x, sd, name + ".q").reshape(batch, n, heads, d).permute(0, 2, 1, 3)
     if sr > 1:
-        y = F.conv2d(to_grid(x, height, width), sd[name + ".sr.weight"], sd[name + ".sr.bias"], stride=sr)
+        y = F.conv2d(tokens_to_grid(x, height, width), sd[name + ".sr.weight"], sd[name + ".sr.bias"], stride=sr)
         reduced_h, reduced_w = y.shape[-2:]
-        y = layer_norm(to_tokens(y), sd, name + ".norm", DEFAULT_EPS)
+        y = layer_norm(grid_to_tokens(y), sd, name + ".norm", DEFAULT_EPS)
         if pool > 1:  # nn.AvgPool2d(p, p): kernel = stride = p, no padding, floor mode
-            y = F.avg_pool2d(to_grid(y, reduced_h, reduced_w), kernel_size=pool, stride=pool, padding=0,
+            y = F.avg_pool2d(tokens_to_grid(y, reduced_h, reduced_w), kernel_size=pool, stride=pool, padding=0,
                              ceil_mode=False)
-            y = to_tokens(y)
+            y = grid_to_tokens(y)
     else:  # stage 4: no sr, no norm, no pool whatever ISR says
         y = x
     kv = linear(y, sd, name + ".kv")  # (B, N', 2C): K then V
@@ -71,9 +60,9 @@ def mix_ffn(x: torch.Tensor, height: int, width: int, sd: StateDict, name: str) 
     """§1.6: fc1 -> depthwise 3x3 -> GELU (erf) -> fc2; no ReLU."""
     x = linear(x, sd, name + ".fc1")
     hidden = x.shape[-1]
-    grid = F.conv2d(to_grid(x, height, width), sd[name + ".dwconv.dwconv.weight"], sd[name + ".dwconv.dwconv.bias"],
-                    stride=1, padding=1, groups=hidden)
-    return linear(F.gelu(to_tokens(grid)), sd, name + ".fc2")
+    grid = F.conv2d(tokens_to_grid(x, height, width), sd[name + ".dwconv.dwconv.weight"],
+                    sd[name + ".dwconv.dwconv.bias"], stride=1, padding=1, groups=hidden)
+    return linear(F.gelu(grid_to_tokens(grid)), sd, name + ".fc2")
 
 
 def encoder(images: torch.Tensor, sd: StateDict, pool_ratios: tuple[int, ...]) -> list[torch.Tensor]:
@@ -85,7 +74,7 @@ def encoder(images: torch.Tensor, sd: StateDict, pool_ratios: tuple[int, ...]) -
         prefix = f"backbone.patch_embed{stage}"
         x = F.conv2d(x, sd[prefix + ".proj.weight"], sd[prefix + ".proj.bias"], stride=stride, padding=kernel // 2)
         height, width = x.shape[-2:]
-        tokens = layer_norm(to_tokens(x), sd, prefix + ".norm", DEFAULT_EPS)
+        tokens = layer_norm(grid_to_tokens(x), sd, prefix + ".norm", DEFAULT_EPS)
         j = 0
         while f"backbone.block{stage}.{j}.norm1.weight" in sd:
             name = f"backbone.block{stage}.{j}"
@@ -95,7 +84,7 @@ def encoder(images: torch.Tensor, sd: StateDict, pool_ratios: tuple[int, ...]) -
             tokens = tokens + mix_ffn(layer_norm(tokens, sd, name + ".norm2", BLOCK_EPS), height, width, sd,
                                       name + ".mlp")
             j += 1
-        x = to_grid(layer_norm(tokens, sd, f"backbone.norm{stage}", BLOCK_EPS), height, width)
+        x = tokens_to_grid(layer_norm(tokens, sd, f"backbone.norm{stage}", BLOCK_EPS), height, width)
         features.append(x)
     return features
 
@@ -106,7 +95,8 @@ def head(features: list[torch.Tensor], sd: StateDict) -> torch.Tensor:
     parts = []
     for index in (4, 3, 2, 1):
         feature = features[index - 1]
-        projected = to_grid(linear(to_tokens(feature), sd, f"decode_head.linear_c{index}.proj"), *feature.shape[-2:])
+        tokens = linear(grid_to_tokens(feature), sd, f"decode_head.linear_c{index}.proj")
+        projected = tokens_to_grid(tokens, *feature.shape[-2:])
         if index != 1:
             projected = F.interpolate(projected, size=size, mode="bilinear", align_corners=False)
         parts.append(projected)
@@ -156,22 +146,4 @@ def mmseg_to_hf(sd: StateDict) -> StateDict:
     return out
 
 
-@torch.no_grad()
-def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Make the weights non-trivial in place: perturb every 1-D tensor (LayerNorm/BatchNorm affine, biases) and
-    give BatchNorm random running statistics; multi-dim weights keep their (random) initialisation, so the logits
-    stay spatially structured (the tests check that the argmax map holds several classes)."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, tensor in module.state_dict().items():
-        if not tensor.is_floating_point():
-            continue
-        noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
-        if name.endswith("running_var"):
-            tensor.copy_(0.3 + 1.7 * torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype))
-        elif name.endswith("running_mean"):
-            tensor.copy_(0.3 * noise)
-        elif tensor.dim() == 1:
-            tensor.add_(0.1 * noise)
-        else:
-            tensor.add_(0.01 * noise)
-    return module
+randomize_ = perturb_weights_  # the recipe the other references share
