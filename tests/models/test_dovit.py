@@ -25,6 +25,7 @@ from models.checkpoint import official_checkpoint
 from models.datasets import DATASETS, dataset_for
 from models.flops import count_gmacs, gmacs_for
 from models.predict import Predictor, pipeline_for
+from tests.models.listings import Entry, meta_model, parse_listing, state_dict_entries
 from tests.models.reference_dovit import randomize_, structured_images
 from tests.paths import DATA
 
@@ -43,27 +44,13 @@ NUM_CLASSES = 19
 CUSTOM_NAMES = [f"thing-{i}" for i in range(NUM_CLASSES)]
 CUSTOM_PALETTE = [[(7 * i) % 256, (31 * i) % 256, (101 * i) % 256] for i in range(NUM_CLASSES)]
 
-Entry = tuple[str, tuple[int, ...]]
-
 
 @cache
 def _listing(name: str) -> tuple[Entry, ...]:
     text = (LISTING_DIR / f"{name}_state_dict.txt").read_text()
     assert hashlib.sha256(text.encode()).hexdigest() == LISTING_SHA256[name], "the listing changed"
-    entries = []
-    for line in text.splitlines():
-        key, shape = line.split()
-        entries.append((key, tuple(int(d) for d in shape[1:-1].split(",") if d)))
+    entries = parse_listing(text)
     return tuple(entries)
-
-
-def _meta_model(name: str, num_classes: int = 150) -> torch.nn.Module:
-    with torch.device("meta"):
-        return create_model(name, num_classes=num_classes)
-
-
-def _ours(model: torch.nn.Module) -> list[Entry]:
-    return [(key, tuple(t.shape)) for key, t in model.state_dict().items()]
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +108,13 @@ def test_state_dict_equals_listing_in_order(name):
     listing = list(_listing(name))
     assert len(listing) == 209
     assert [e for e in listing if e[0] in CONV_SEG] == [(CONV_SEG[0], (150, WIDTH[name], 1, 1)), (CONV_SEG[1], (150,))]
-    assert _ours(_meta_model(name)) == [e for e in listing if e[0] not in CONV_SEG]  # names, shapes, order
+    assert state_dict_entries(meta_model(name)) == [e for e in listing if e[0] not in CONV_SEG]  # names, shapes, order
 
 
 @pytest.mark.parametrize("name", list_models(family="dovit"))
 def test_official_checkpoint_layout_has_every_listing_entry(name):
     info = dataset_for(None, 150)
-    checkpoint = official_checkpoint(_meta_model(name), list(info.class_names), [list(c) for c in info.palette])
+    checkpoint = official_checkpoint(meta_model(name), list(info.class_names), [list(c) for c in info.palette])
     assert {key: tuple(t.shape) for key, t in checkpoint["state_dict"].items()} == dict(_listing(name))
 
 
@@ -144,13 +131,13 @@ def test_only_class_tensors_depend_on_the_class_count(name):
         if class_dependent(key):
             shape = tuple(NUM_CLASSES if d == 150 else d for d in shape)
         expected.append((key, shape))
-    assert _ours(_meta_model(name, NUM_CLASSES)) == expected
+    assert state_dict_entries(meta_model(name, NUM_CLASSES)) == expected
 
 
 def test_backbone_parameter_count_matches_spec():
     """Spec table 1.1 [run]: DoViT-S backbone 21.99 M + 3 aux heads 0.41 M (rounded; the listing's shapes give
     21,983,616 + 412,098)."""
-    backbone = _meta_model("dovit-s").backbone
+    backbone = meta_model("dovit-s").backbone
     aux = sum(p.numel() for p in backbone.auxiliary_head.parameters())
     assert sum(p.numel() for p in backbone.parameters()) - aux == pytest.approx(21.99e6, abs=0.01e6)
     assert aux == pytest.approx(0.41e6, abs=0.005e6)
@@ -205,14 +192,14 @@ def test_bad_checkpoint_lists_missing_unexpected_and_mis_shaped_keys(tmp_path, m
 @pytest.mark.parametrize("name", list_models(family="dovit"))
 @pytest.mark.parametrize("size", [512, 768])
 def test_dense_gmacs_match_spec_table(name, size):
-    parts = _meta_model(name).gmacs_breakdown(size, size)
+    parts = meta_model(name).gmacs_breakdown(size, size)
     backbone_and_aux = parts["patch_embed"] + parts["blocks"] + parts["aux_heads"]
     assert backbone_and_aux == pytest.approx(SPEC_DENSE_GMACS[name][size], rel=0.002)
     if size == 512:
         assert parts["decode_head"] == pytest.approx(SPEC_HEAD_GMACS_512[name], rel=0.12)  # the spec's estimate
-    total = count_gmacs(_meta_model(name), size, size)  # models.flops delegates to the model's own count
+    total = count_gmacs(meta_model(name), size, size)  # models.flops delegates to the model's own count
     assert total == pytest.approx(sum(parts.values()), rel=1e-12)
-    assert count_gmacs(_meta_model(name), size, size, batch=2, exit_threshold=2.0) == pytest.approx(2 * total)
+    assert count_gmacs(meta_model(name), size, size, batch=2, exit_threshold=2.0) == pytest.approx(2 * total)
 
 
 def test_token_pass_gmacs_equal_a_real_forwards_flop_count(model):

@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from models import BASE_LEVEL, create_model, get_spec, list_models
 from models.flops import count_gmacs
 from models.layers.seaformer_blocks import SqueezeAxialPositionalEmbedding
+from tests.models.listings import meta_model, read_listing
 from tests.models.reference_seaformer import calibrate_batchnorm_, randomize_, reference_forward, structured_images
-from tests.paths import DATA
 
-LISTING_DIR = DATA / "listings"
 # Spec §6 / the brief: entries per official listing (150 classes), and GMACs at 512x512 through the head.
 LISTING_LENGTHS = {"seaformer-t": 458, "seaformer-s": 590, "seaformer-b": 722, "seaformer-l": 806}
 SPEC_GMACS_512 = {"seaformer-t": 0.563, "seaformer-s": 1.031, "seaformer-b": 1.758, "seaformer-l": 6.340}
@@ -35,20 +34,6 @@ SIZES = [(2, 64, 64), (1, 65, 97), (1, 101, 75), (2, 33, 47), (1, 130, 150)]
 MAX_REL, MEAN_REL = 1e-4, 1e-5  # of the logits' std (the brief's fidelity bounds)
 
 VARIANTS = list_models(family="seaformer")
-
-
-def _meta_model(name: str, num_classes: int = 150) -> torch.nn.Module:
-    with torch.device("meta"):
-        return create_model(name, num_classes=num_classes)
-
-
-def _listing(name: str) -> list[tuple[str, tuple[int, ...]]]:
-    entries = []
-    for line in (LISTING_DIR / f"{name}_state_dict.txt").read_text().splitlines():
-        if line.strip():
-            key, shape = line.split()
-            entries.append((key, tuple(int(d) for d in shape.strip("[]").split(",") if d)))
-    return entries
 
 
 def _test_model(name: str, seed: int, side: int = 256) -> torch.nn.Module:
@@ -106,21 +91,21 @@ def test_published_miou_and_pipelines_follow_the_official_configs():
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_state_dict_equals_official_listing_in_order(name):
-    listing = _listing(name)
+    listing = read_listing(name)
     assert len(listing) == LISTING_LENGTHS[name]
-    ours = [(key, tuple(t.shape)) for key, t in _meta_model(name).state_dict().items()]
+    ours = [(key, tuple(t.shape)) for key, t in meta_model(name).state_dict().items()]
     assert ours == listing  # names, shapes and order; conv_seg included (it is the classifier)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_parameter_count_matches_spec(name):
-    count = sum(p.numel() for p in _meta_model(name).parameters()) / 1e6
+    count = sum(p.numel() for p in meta_model(name).parameters()) / 1e6
     assert count == pytest.approx(SPEC_PARAMS_M[name], rel=5e-3)
 
 
 def test_only_conv_seg_depends_on_the_class_count():
-    listing = _listing("seaformer-t")
-    ours = [(key, tuple(t.shape)) for key, t in _meta_model("seaformer-t", 19).state_dict().items()]
+    listing = read_listing("seaformer-t")
+    ours = [(key, tuple(t.shape)) for key, t in meta_model("seaformer-t", 19).state_dict().items()]
     assert [k for k, _ in ours] == [k for k, _ in listing]
     differing = {key for (key, a), (_, b) in zip(ours, listing, strict=True) if a != b}
     assert differing == {"decode_head.conv_seg.weight", "decode_head.conv_seg.bias"}
@@ -226,11 +211,11 @@ def test_concurrent_calls_are_thread_safe(model_t):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_gmacs_at_512_match_spec(name):
-    assert count_gmacs(_meta_model(name), 512, 512) == pytest.approx(SPEC_GMACS_512[name], rel=2e-3)
+    assert count_gmacs(meta_model(name), 512, 512) == pytest.approx(SPEC_GMACS_512[name], rel=2e-3)
 
 
 def test_gmacs_grow_linearly_with_pixels():
     """Spec §1.4 [run], T with 150 classes: 1.12 GMACs at 512x1024 and 4.49 at 1024x2048."""
-    model = _meta_model("seaformer-t")
+    model = meta_model("seaformer-t")
     assert count_gmacs(model, 512, 1024) == pytest.approx(1.12, abs=0.01)
     assert count_gmacs(model, 1024, 2048) == pytest.approx(4.49, abs=0.02)

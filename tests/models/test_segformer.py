@@ -24,10 +24,9 @@ from models.checkpoint import official_checkpoint
 from models.datasets import DATASETS
 from models.flops import count_gmacs
 from models.predict import Predictor, pipeline_for, slide_windows
+from tests.models.listings import meta_model, read_listing
 from tests.models.reference_segformer import randomize_, reference_forward
-from tests.paths import DATA
 
-LISTINGS = DATA / "listings"
 VARIANTS = list_models(family="segformer")
 LADDER = get_spec("segformer-b0").ladder()
 CONV_SEG = ("decode_head.conv_seg.weight", "decode_head.conv_seg.bias")
@@ -48,8 +47,6 @@ PARITY_CASES = [(level.name, size) for level in LADDER
 # The explicit-softmax switch (the official arithmetic, used for exports) at the training and cheapest levels.
 EXPLICIT_CASES = [case for case in PARITY_CASES if case[0] in ("1111", "4421")]
 
-Entry = tuple[str, tuple[int, ...]]
-
 
 def _images(batch: int, height: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1000 * height + width)
@@ -61,19 +58,6 @@ def _rel(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     diff = (actual - expected).abs()
     scale = float(expected.std())
     return float(diff.max()) / scale, float(diff.mean()) / scale
-
-
-def _listing(name: str) -> list[Entry]:
-    entries = []
-    for line in (LISTINGS / f"{name}_state_dict.txt").read_text().splitlines():
-        key, shape = line.split()
-        entries.append((key, tuple(int(d) for d in shape[1:-1].split(",") if d)))
-    return entries
-
-
-def _meta_model(name: str, num_classes: int = 150) -> torch.nn.Module:
-    with torch.device("meta"):
-        return create_model(name, num_classes=num_classes)
 
 
 @pytest.fixture(scope="module")
@@ -99,20 +83,20 @@ def test_all_six_variants_are_registered_with_their_spec():
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_state_dict_equals_official_listing_in_order(name):
-    listing = _listing(name)
+    listing = read_listing(name)
     assert len(listing) == LISTING_LENGTHS[name]
-    ours = [(key, tuple(t.shape)) for key, t in _meta_model(name).state_dict().items()]
+    ours = [(key, tuple(t.shape)) for key, t in meta_model(name).state_dict().items()]
     assert ours == [entry for entry in listing if entry[0] not in CONV_SEG]  # names, shapes and order
-    assert sum(p.numel() for p in _meta_model(name).parameters()) == PARAMS_WITHOUT_CONV_SEG[name]
-    checkpoint = official_checkpoint(_meta_model(name), [], [])
+    assert sum(p.numel() for p in meta_model(name).parameters()) == PARAMS_WITHOUT_CONV_SEG[name]
+    checkpoint = official_checkpoint(meta_model(name), [], [])
     assert {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()} == dict(listing)  # with conv_seg
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_only_the_classifier_depends_on_the_class_count(name):
     expected = [(key, (19, *shape[1:]) if key.startswith("decode_head.linear_pred.") else shape)
-                for key, shape in _listing(name) if key not in CONV_SEG]
-    assert [(key, tuple(t.shape)) for key, t in _meta_model(name, 19).state_dict().items()] == expected
+                for key, shape in read_listing(name) if key not in CONV_SEG]
+    assert [(key, tuple(t.shape)) for key, t in meta_model(name, 19).state_dict().items()] == expected
 
 
 def test_pipelines_follow_the_official_configs():
@@ -272,7 +256,7 @@ GMAC_CASES = [(name, shape, code, value) for shape, rows in SPEC_GMACS.items()
 
 @cache
 def _gmacs(name: str, height: int, width: int, num_classes: int, code: str) -> float:
-    return count_gmacs(_meta_model(name, num_classes), height, width, isr=IsrConfig.parse(code + "/111"))
+    return count_gmacs(meta_model(name, num_classes), height, width, isr=IsrConfig.parse(code + "/111"))
 
 
 @pytest.mark.parametrize(("name", "shape", "code", "expected"), GMAC_CASES,

@@ -16,6 +16,7 @@ import torch
 from models import LADDER, IsrConfig, create_model, list_models
 from models.checkpoint import official_checkpoint
 from models.datasets import dataset_for
+from tests.models.listings import Entry, meta_model, parse_listing, state_dict_entries
 from tests.paths import DATA
 
 # The official listings, copied from the spec (its edaformer_{t,b}_state_dict.txt) into the tests' data and pinned
@@ -37,19 +38,6 @@ VARIANTS = ["edaformer-t", "edaformer-b"]
 # (2222/222 needs a side >= 61); 70x100 is not a multiple of 8, so ceil(H/8) is exercised.
 SIZES = [(2, 64, 64), (1, 70, 100)]
 
-Entry = tuple[str, tuple[int, ...]]
-
-
-def _parse_listing(text: str) -> list[Entry]:
-    entries = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        name, shape = line.split()
-        assert shape.startswith("[") and shape.endswith("]"), line
-        entries.append((name, tuple(int(d) for d in shape[1:-1].split(",") if d)))
-    return entries
-
 
 def _render(entries: list[Entry]) -> str:
     """The spec files' format: `name [d0,d1,...]` per line, `[]` for scalars."""
@@ -60,20 +48,11 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _ours(model: torch.nn.Module) -> list[Entry]:
-    return [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
-
-
 def _with_conv_seg(entries: list[Entry], num_classes: int = 150) -> list[Entry]:
     """mmseg's BaseDecodeHead registers conv_seg first, so it leads the decode_head entries."""
     first = next(i for i, (name, _) in enumerate(entries) if name.startswith("decode_head."))
     conv_seg = [(CONV_SEG[0], (num_classes, 128, 1, 1)), (CONV_SEG[1], (num_classes,))]
     return entries[:first] + conv_seg + entries[first:]
-
-
-def _meta_model(name: str, num_classes: int = 150) -> torch.nn.Module:
-    with torch.device("meta"):
-        return create_model(name, num_classes=num_classes)
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +119,14 @@ def test_runs_at_the_minimum_input_side(models_150, level):
 def _spec_listing(name: str) -> tuple[Entry, ...]:
     text = LISTINGS[name].read_text()
     assert _sha256(text) == LISTING_SHA256[name], "the listing differs from the spec's (pinned by its sha256)"
-    return tuple(_parse_listing(text))
+    return tuple(parse_listing(text))
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_state_dict_equals_spec_listing_in_order(name):
     listing = list(_spec_listing(name))
     assert len(listing) == LISTING_LENGTHS[name]
-    ours = _ours(_meta_model(name))
+    ours = state_dict_entries(meta_model(name))
     extra = [entry for entry in listing if entry not in ours]
     assert extra == [(CONV_SEG[0], (150, 128, 1, 1)), (CONV_SEG[1], (150,))]
     assert ours == [entry for entry in listing if entry[0] not in CONV_SEG]  # names, shapes and order
@@ -156,7 +135,7 @@ def test_state_dict_equals_spec_listing_in_order(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_parameter_count_matches_spec(name):
-    model = _meta_model(name)
+    model = meta_model(name)
     assert sum(p.numel() for p in model.parameters()) == PARAMS_WITHOUT_CONV_SEG[name]
 
 
@@ -170,12 +149,12 @@ def test_only_linear_pred_depends_on_class_count(name, num_classes):
         if key.startswith("decode_head.linear_pred."):
             shape = (num_classes, *shape[1:])
         expected.append((key, shape))
-    assert _ours(_meta_model(name, num_classes)) == expected
+    assert state_dict_entries(meta_model(name, num_classes)) == expected
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_official_checkpoint_layout_has_every_spec_entry(name):
-    model = _meta_model(name)
+    model = meta_model(name)
     info = dataset_for(None, 150)
     checkpoint = official_checkpoint(model, list(info.class_names), [list(c) for c in info.palette])
     assert set(checkpoint) >= {"state_dict", "meta"}
